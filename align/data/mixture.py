@@ -1,0 +1,67 @@
+"""The SFT mixture (chat + worked reasoning + code solutions + safety) and the tokenizer corpus.
+
+Every row is conversational: {messages: [{role, content}, ...], source}. Reasoning rows answer with the
+worked solution ending in `#### <answer>`; code rows answer with a ```python block; safety rows
+answer harmful requests with a refusal and benign look-alikes helpfully.
+"""
+
+import random
+from collections.abc import Iterator
+
+from align.data.chat import SYSTEM_PROMPTS, chat_rows
+from align.data.code import code_rows
+from align.data.common import check_split, rng_for
+from align.data.preference import helpful_pair_rows
+from align.data.reasoning import reasoning_rows
+from align.data.safety import safety_rows
+
+DEFAULT_WEIGHTS = {"chat": 0.35, "reasoning": 0.35, "code": 0.15, "safety": 0.15}
+
+
+def _turns(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _source_rows(name: str, split: str, n: int, seed: int) -> list[dict]:
+    if n <= 0:
+        return []
+    if name == "chat":
+        return [{"messages": r["messages"], "source": "chat"} for r in chat_rows(split, n, seed)]
+    if name == "reasoning":
+        return [{"messages": _turns(r["prompt"], r["solution"]), "source": "reasoning"}
+                for r in reasoning_rows(split, n, seed)]
+    if name == "code":
+        return [{"messages": _turns(r["prompt"], f"```python\n{r['solution']}```"), "source": "code"}
+                for r in code_rows(split, n, seed)]
+    if name == "safety":
+        return [{"messages": _turns(r["prompt"], r["chosen"]), "source": "safety"} for r in safety_rows(split, n, seed)]
+    raise ValueError(f"unknown SFT mixture source {name!r}; known: {sorted(DEFAULT_WEIGHTS)}")
+
+
+def sft_mixture_rows(
+    split: str = "train", n: int = 2000, seed: int = 0, weights: dict[str, float] | None = None
+) -> list[dict]:
+    """About `n` conversations mixed by `weights` (shuffled deterministically)."""
+    check_split(split)
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("SFT mixture weights must sum to a positive number")
+    rows: list[dict] = []
+    for name, w in sorted(weights.items()):
+        rows += _source_rows(name, split, round(n * w / total), seed)
+    rng = rng_for("sft_mixture", split, seed)
+    rng.shuffle(rows)
+    return rows
+
+
+def tokenizer_corpus(seed: int = 0, n_per_source: int = 2000) -> Iterator[str]:
+    """Texts covering everything the bundled data can say, to train the tokenizer on (train split only)."""
+    yield from SYSTEM_PROMPTS
+    for row in sft_mixture_rows("train", 4 * n_per_source, seed, {k: 1.0 for k in DEFAULT_WEIGHTS}):
+        for m in row["messages"]:
+            yield m["content"]
+    for row in helpful_pair_rows("train", n_per_source, seed) + safety_rows("train", n_per_source, seed):
+        yield row["rejected"]
+    rng = random.Random(seed)
+    yield " ".join(str(rng.randint(0, 999)) for _ in range(200))  # plain numbers, in case data lacks some

@@ -1,0 +1,108 @@
+"""Configs for the hybrid engine: where actors run, how the trainer optimises, what gets offloaded.
+
+All are pydantic with extra="forbid" so a typo in a recipe YAML is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ClusterConfig(BaseModel):
+    """Where the Ray actors live. address=None starts a private local Ray; otherwise join that cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="None = start a local Ray; 'auto' or 'host:port' = join")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (None = Ray's default)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None = Ray's default)")
+    object_store_memory: int | None = Field(None, ge=78_643_200, description="bytes, local Ray only")
+    placement: Literal["colocated", "split"] = Field(
+        "colocated", description="colocated: rollout and trainer share one bundle and alternate; split: own bundles")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    rollout_num_cpus: float = Field(1.0, gt=0, description="CPUs of the rollout actor's bundle")
+    train_num_cpus: float = Field(1.0, gt=0, description="CPUs per training rank")
+    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has any")
+    rollout_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources the rollout bundle needs (pins it to nodes); "
+                    "colocated merges both dicts into the one bundle")
+    train_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources each training rank's bundle needs")
+    temp_dir: str | None = Field(None, description="Ray's temp dir; None = <run_dir>/ray")
+    startup_timeout_s: float = Field(300.0, gt=0, description="placement group / actor start-up limit")
+    call_timeout_s: float = Field(3600.0, gt=0, description="limit for one generate/train call")
+
+
+class RolloutConfig(BaseModel):
+    """Which generation backend the rollout actor runs, and the backend's own constructor arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "vllm", "native"] = Field("auto", description="auto = vLLM when importable")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the backend constructor")
+    refit_bucket_mb: float = Field(64.0, gt=0, description="weight-sync bucket size")
+
+
+class OptimConfig(BaseModel):
+    """AdamW + an LR schedule with linear warm-up. Micro-batching: set micro_batch_size or grad_accum."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-6, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: int | None = Field(None, ge=1, description="needed by cosine/linear decay")
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="None = no clipping")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward on one rank")
+    grad_accum: int | None = Field(None, ge=1, description="micro-batches per rank per step (instead of size)")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.micro_batch_size is not None and self.grad_accum is not None:
+            raise ValueError("optim: set micro_batch_size or grad_accum, not both")
+        if self.schedule != "constant" and self.total_steps is None:
+            raise ValueError(f"optim.schedule={self.schedule} needs optim.total_steps")
+        if self.total_steps is not None and self.warmup_steps > self.total_steps:
+            raise ValueError("optim.warmup_steps exceeds optim.total_steps")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """Data-parallel layout and numerics of the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dp_world_size: int = Field(1, ge=1, description="training ranks, one Ray actor each")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on a GPU that supports it, else no (CPU never gets it unasked)")
+    seed: int = 0
+    reference: bool = Field(False, description="keep a frozen copy of the initial policy as reference model")
+    entropy_grad: bool = Field(False, description="let gradients flow through fwd.entropy (entropy bonus)")
+    logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
+
+
+class OffloadConfig(BaseModel):
+    """Phase-wise offloading of what a phase does not use (matters when rollout and trainer share a GPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    mode: Literal["auto", "real", "accounting"] = Field(
+        "auto", description="auto = real on GPUs, accounting (plan + log only) on CPU")
+
+
+class EngineConfig(BaseModel):
+    """Everything the hybrid engine needs, as one block of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)

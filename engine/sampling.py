@@ -1,0 +1,50 @@
+"""What a rollout backend is asked to do (SamplingConfig) and what it hands back (Rollout).
+
+Both are backend-neutral so GRPO code never touches vLLM types: a Rollout carries token ids
+(not only text) because the trainer must score exactly the tokens that were sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingConfig(BaseModel):
+    """How to sample completions. top_k=0 and top_p=1.0 disable those filters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1, ge=1, description="samples per prompt (the GRPO group size)")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filter")
+    max_tokens: int = Field(256, ge=1, description="completion length cap")
+    stop: list[str] = Field(default_factory=list, description="stop strings (need a tokenizer)")
+    stop_token_ids: list[int] = Field(default_factory=list, description="extra stop tokens besides EOS")
+    seed: int | None = Field(None, description="makes a generate() call reproducible")
+    logprobs: bool = Field(True, description="return the log-prob of each sampled token")
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt.
+
+    logprobs are the sampling engine's log-probs of the sampled tokens (float32 values, one per
+    token in token_ids), or None when not requested. routed_experts, when the backend can capture
+    them, is one int array [len(prompt)+len(completion), k] per MoE layer.
+    """
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: FinishReason
+    routed_experts: list[np.ndarray] | None = None

@@ -12,7 +12,7 @@ from align.data.chat import SYSTEM_PROMPTS, chat_rows
 from align.data.code import code_rows
 from align.data.common import check_split, rng_for
 from align.data.preference import helpful_pair_rows
-from align.data.reasoning import reasoning_rows
+from align.data.reasoning import LEVELS, reasoning_rows
 from align.data.safety import safety_rows
 
 DEFAULT_WEIGHTS = {"chat": 0.35, "reasoning": 0.35, "code": 0.15, "safety": 0.15}
@@ -22,20 +22,30 @@ def _turns(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def _source_rows(name: str, split: str, n: int, seed: int) -> list[dict]:
-    if n <= 0:
-        return []
-    if name == "chat":
-        return [{"messages": r["messages"], "source": "chat"} for r in chat_rows(split, n, seed)]
-    if name == "reasoning":
-        return [{"messages": _turns(r["prompt"], r["solution"]), "source": "reasoning"}
-                for r in reasoning_rows(split, n, seed)]
-    if name == "code":
-        return [{"messages": _turns(r["prompt"], f"```python\n{r['solution']}```"), "source": "code"}
-                for r in code_rows(split, n, seed)]
-    if name == "safety":
-        return [{"messages": _turns(r["prompt"], r["chosen"]), "source": "safety"} for r in safety_rows(split, n, seed)]
-    raise ValueError(f"unknown SFT mixture source {name!r}; known: {sorted(DEFAULT_WEIGHTS)}")
+def reasoning_sft_rows(
+    split: str = "train", n: int = 1000, seed: int = 0, levels: tuple[int, ...] | list[int] = LEVELS
+) -> list[dict]:
+    """Reasoning problems answered with their worked solution (`... #### <answer>`)."""
+    return [{"messages": _turns(r["prompt"], r["solution"]), "source": "reasoning"}
+            for r in reasoning_rows(split, n, seed, levels)]
+
+
+def code_sft_rows(split: str = "train", n: int = 200, seed: int = 0) -> list[dict]:
+    """Coding tasks answered with the reference solution in a ```python block."""
+    return [{"messages": _turns(r["prompt"], f"```python\n{r['solution']}```"), "source": "code"}
+            for r in code_rows(split, n, seed)]
+
+
+def safety_sft_rows(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:
+    """Harmful requests answered with a refusal, benign look-alikes answered helpfully."""
+    return [{"messages": _turns(r["prompt"], r["chosen"]), "source": "safety"} for r in safety_rows(split, n, seed)]
+
+
+def chat_sft_rows(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:
+    return [{"messages": r["messages"], "source": "chat"} for r in chat_rows(split, n, seed)]
+
+
+_SOURCES = {"chat": chat_sft_rows, "reasoning": reasoning_sft_rows, "code": code_sft_rows, "safety": safety_sft_rows}
 
 
 def sft_mixture_rows(
@@ -49,7 +59,10 @@ def sft_mixture_rows(
         raise ValueError("SFT mixture weights must sum to a positive number")
     rows: list[dict] = []
     for name, w in sorted(weights.items()):
-        rows += _source_rows(name, split, round(n * w / total), seed)
+        if name not in _SOURCES:
+            raise ValueError(f"unknown SFT mixture source {name!r}; known: {sorted(_SOURCES)}")
+        if round(n * w / total) > 0:
+            rows += _SOURCES[name](split, round(n * w / total), seed)
     rng = rng_for("sft_mixture", split, seed)
     rng.shuffle(rows)
     return rows

@@ -1,0 +1,238 @@
+"""vLLM rollout backend: sample completions (token ids + log-probs) and take new weights in place.
+
+One in-process vllm.LLM per rollout worker. On a machine without CUDA the CPU workarounds that
+vLLM 0.32's CPU backend needs for DeepSeek MLA/MoE are applied here so callers never see them:
+  * native rotary embedding (the CPU rope kernel mishandles DeepSeek's 3-D q/k: log-probs off by ~0.2),
+  * prefix caching off and no sleep mode (neither works on CPU),
+  * an explicit KV-cache size and eager mode (skips a ~60 s torch.compile warm-up on 2 cores),
+  * the engine kept in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so refit arrays are
+    handed to the worker by reference.
+vLLM's CPU MLA kernel only supports kv_lora_rank=512 and qk_rope_head_dim=64.
+
+Routed experts (for replaying the sampler's MoE routing in the trainer): vLLM 0.32 can return
+them (`enable_return_routed_experts=True`, CompletionOutput.routed_experts, shape
+[prompt+completion tokens, moe layers, top_k]) but only with Model Runner V2 (needs Triton, so
+CUDA) and prefix caching. Neither exists on CPU, so `return_routed_experts=True` raises there and
+Rollout.routed_experts stays None; on GPU it is passed through, split per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from engine.refit import NamedArray, RefitStats, buckets
+from engine.sampling import Rollout, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+def _eos_token_ids(model_dir: Path) -> list[int]:
+    """EOS ids from generation_config.json (else config.json): vLLM only learns EOS from a tokenizer."""
+    for fname in ("generation_config.json", "config.json"):
+        path = model_dir / fname
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+class VLLMRollout:
+    """Sampling + in-place weight refit on top of vllm.LLM."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 2048,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float = 0.5,
+        enforce_eager: bool | None = None,
+        return_routed_experts: bool = False,
+        logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs",
+    ) -> None:
+        """kv_cache_gib: KV-cache size (CPU default 1 GiB; on GPU it overrides gpu_memory_utilization).
+        enforce_eager: None = eager on CPU, CUDA graphs on GPU.
+        logprobs_mode: "raw_logprobs" = log-probs of the unmodified model (what the trainer
+        recomputes); "processed_logprobs" = after temperature/top-k/top-p.
+        """
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir}: not a Hugging Face model directory (no config.json)")
+        self.on_cpu = not torch.cuda.is_available()
+        self.has_tokenizer = any((self.model_dir / f).exists() for f in TOKENIZER_FILES)
+        self.eos_token_ids = _eos_token_ids(self.model_dir)
+        self.seed = seed
+
+        # Must be set before vLLM reads its environment (at import / engine creation).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kwargs: dict = {}
+        if self.on_cpu:
+            if return_routed_experts:
+                raise ValueError(
+                    "return_routed_experts needs a CUDA GPU: vLLM 0.32 captures routed experts only with "
+                    "Model Runner V2 (Triton) and prefix caching, neither available on CPU"
+                )
+            kv_cache_gib = 1.0 if kv_cache_gib is None else kv_cache_gib
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+            kwargs.update(
+                compilation_config={"custom_ops": ["-rotary_embedding"]},
+                enable_prefix_caching=False,
+                enforce_eager=True if enforce_eager is None else enforce_eager,
+            )
+        else:
+            kwargs.update(
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=True,
+                enforce_eager=bool(enforce_eager),
+            )
+            if return_routed_experts:
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+                kwargs.update(enable_return_routed_experts=True, enable_prefix_caching=True)
+        if kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        self.prefix_caching = kwargs.get("enable_prefix_caching", not self.on_cpu)
+
+        from vllm import LLM  # late: after the environment above is in place
+
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=str(self.model_dir),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            skip_tokenizer_init=not self.has_tokenizer,
+            logprobs_mode=logprobs_mode,
+            worker_extension_cls="engine.vllm_ext.RefitExtension",
+            **kwargs,
+        )
+        self.startup_seconds = time.perf_counter() - t0
+        log.info("vLLM ready in %.1f s (%s)", self.startup_seconds, "cpu" if self.on_cpu else "cuda")
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """sampling.n rollouts per prompt, grouped by prompt in input order.
+
+        With sampling.seed set, prompt i uses seed+i: one shared seed would give every prompt the
+        same random stream (correlated samples across a GRPO batch).
+        """
+        from vllm import SamplingParams
+
+        if sampling.stop and not self.has_tokenizer:
+            raise ValueError(f"SamplingConfig.stop needs a tokenizer, and {self.model_dir} has none; use stop_token_ids")
+        for i, p in enumerate(prompt_token_ids):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop) or None,
+                stop_token_ids=sorted(set(sampling.stop_token_ids) | set(self.eos_token_ids)),
+                seed=None if sampling.seed is None else sampling.seed + i,
+                logprobs=0 if sampling.logprobs else None,
+                detokenize=self.has_tokenizer,
+            )
+
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
+        outputs = self.llm.generate(prompts, [params(i) for i in range(len(prompts))], use_tqdm=False)
+
+        rollouts: list[Rollout] = []
+        for i, out in enumerate(outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished prompt {i} with reason {c.finish_reason!r}")
+                token_ids = list(c.token_ids)
+                logprobs = None
+                if sampling.logprobs:
+                    logprobs = [float(np.float32(lp[t].logprob)) for t, lp in zip(token_ids, c.logprobs)]
+                routed = None
+                if c.routed_experts is not None:
+                    routed = [np.ascontiguousarray(c.routed_experts[:, layer]) for layer in range(c.routed_experts.shape[1])]
+                rollouts.append(
+                    Rollout(
+                        prompt_index=i,
+                        prompt_token_ids=list(prompt_token_ids[i]),
+                        token_ids=token_ids,
+                        logprobs=logprobs,
+                        text=c.text or "",
+                        finish_reason=c.finish_reason,
+                        routed_experts=routed,
+                    )
+                )
+        return rollouts
+
+    # ------------------------------------------------------------------ refit
+    def load_weights(
+        self,
+        named: Iterable[tuple[str, torch.Tensor | np.ndarray]],
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> RefitStats:
+        """Replace the weights in place from checkpoint-named tensors/arrays (see engine.refit)."""
+        return self.load_weight_buckets(buckets(named, bucket_bytes))
+
+    def load_weight_buckets(self, bucket_iter: Iterable[list[NamedArray]]) -> RefitStats:
+        """Refit from already-bucketed float32 arrays (e.g. received from a Ray train worker).
+
+        A failure midway leaves the engine half-loaded: refit again or restart it.
+        """
+        t0 = time.perf_counter()
+        nbytes = ntensors = nbuckets = 0
+        self.llm.collective_rpc("refit_begin")
+        for bucket in bucket_iter:
+            self.llm.collective_rpc("refit_load", args=(bucket,))
+            nbytes += sum(arr.nbytes for _, arr in bucket)
+            ntensors += len(bucket)
+            nbuckets += 1
+        self.llm.collective_rpc("refit_finish")
+        if self.prefix_caching:
+            self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        stats = RefitStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_tensors=ntensors, num_buckets=nbuckets)
+        log.info("%s", stats)
+        return stats
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """Free GPU memory (weights offloaded, KV cache dropped) while the trainer runs."""
+        if self.on_cpu:
+            log.info("vLLM sleep mode is unavailable on CPU; sleep() is a no-op")
+            return
+        self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.on_cpu:
+            log.info("vLLM sleep mode is unavailable on CPU; wake() is a no-op")
+            return
+        self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        """Stop the engine and release its memory and process group (so another can start)."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        del llm
+        cleanup_dist_env_and_memory()

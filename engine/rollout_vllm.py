@@ -128,7 +128,8 @@ class VLLMRollout:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """sampling.n rollouts per prompt, grouped by prompt in input order.
 
-        With sampling.seed set, prompt i uses seed+i: one shared seed would give every prompt the
+        With sampling.seed set, prompt i uses seed + i*n (vLLM gives its j-th sample seed + j): one
+        shared seed would give every prompt the
         same random stream (correlated samples across a GRPO batch).
         """
         from vllm import SamplingParams
@@ -148,7 +149,7 @@ class VLLMRollout:
                 max_tokens=sampling.max_tokens,
                 stop=list(sampling.stop) or None,
                 stop_token_ids=sorted(set(sampling.stop_token_ids) | set(self.eos_token_ids)),
-                seed=None if sampling.seed is None else sampling.seed + i,
+                seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
                 logprobs=0 if sampling.logprobs else None,
                 detokenize=self.has_tokenizer,
             )

@@ -1,0 +1,92 @@
+"""The `native` rollout backend: our absorbed-MLA decode (model/generate.py), batched.
+
+Same interface and outputs as the vLLM backend. It is the fallback where vLLM is absent,
+and it can return the routed experts of every token for routing replay (vLLM cannot).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+import model
+from model.generate import sample
+
+from .sampling import Rollout, SamplingConfig
+
+
+def _truncate_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[list[int], str, bool]:
+    """Cut a completion at the first stop string (the string itself is left out of the text, as vLLM does)."""
+    for end in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            return token_ids[:end], text[:min(hits)], True
+    return token_ids, tokenizer.decode(token_ids, skip_special_tokens=True), False
+
+
+class NativeRollout:
+    def __init__(self, model_dir: str | os.PathLike | None = None, network=None, max_batch: int = 64,
+                 device: str = "cpu", capture_routing: bool = True):
+        if network is None:
+            network = model.from_pretrained(model_dir, device=device)
+        self.network = network.eval()
+        self.max_batch = max_batch
+        self.capture_routing = capture_routing
+        self.tokenizer = None
+        if model_dir is not None and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.eos = network.config.eos_token_id
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+        jobs = [(i, p) for i, p in enumerate(prompt_token_ids) for _ in range(sampling.n)]
+        stops = [self.eos] if isinstance(self.eos, int) else list(self.eos or [])
+        stops += sampling.stop_token_ids
+        rollouts: list[Rollout] = []
+        for b in range(0, len(jobs), self.max_batch):
+            chunk = jobs[b:b + self.max_batch]
+            seed = None if sampling.seed is None else sampling.seed + b
+            samples = sample(self.network, [p for _, p in chunk], sampling.max_tokens, sampling.temperature,
+                             sampling.top_k, sampling.top_p, stops, seed=seed, return_routing=self.capture_routing)
+            for (i, prompt), s in zip(chunk, samples):
+                tokens, logprobs, finish = s.token_ids, s.logprobs, s.finish_reason
+                text = ""
+                if self.tokenizer is not None:
+                    tokens, text, hit = _truncate_at_stop(self.tokenizer, tokens, sampling.stop) if sampling.stop \
+                        else (tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), False)
+                    if hit:
+                        finish, logprobs = "stop", logprobs[:len(tokens)]
+                routing = None
+                if s.routed_experts is not None:
+                    routing = [r[:len(prompt) + len(tokens)].numpy().astype(np.int32) for r in s.routed_experts]
+                rollouts.append(Rollout(i, list(prompt), tokens, logprobs if sampling.logprobs else None,
+                                        text, finish, routing))
+        return rollouts
+
+    @torch.no_grad()
+    def load_weights(self, named_arrays: Iterable[tuple[str, np.ndarray]]) -> float:
+        """Refit from checkpoint-named arrays (per-expert names are stacked back into the fused params)."""
+        t0 = time.perf_counter()
+        named = {n: torch.from_numpy(np.asarray(a)) for n, a in named_arrays}
+        fused = model.from_checkpoint_tensors(named)
+        params = dict(self.network.named_parameters())
+        params.update(self.network.named_buffers())
+        unknown = [n for n in fused if n not in params]
+        if unknown:
+            raise KeyError(f"refit sent tensors the rollout model does not have: {unknown[:3]}")
+        for name, value in fused.items():
+            params[name].copy_(value)
+        return time.perf_counter() - t0
+
+    def sleep(self) -> None:  # nothing to free on the CPU path
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.network = None

@@ -128,9 +128,8 @@ class VLLMRollout:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """sampling.n rollouts per prompt, grouped by prompt in input order.
 
-        With sampling.seed set, prompt i uses seed + i*n (vLLM gives its j-th sample seed + j): one
-        shared seed would give every prompt the
-        same random stream (correlated samples across a GRPO batch).
+        With sampling.seed set, prompt i uses seed + i*n (vLLM gives its j-th sample seed + j),
+        so no two samples of a batch share a random stream. Vary the seed between calls.
         """
         from vllm import SamplingParams
 

@@ -8,7 +8,8 @@ Loss contract (this is what makes micro-batching and data parallelism exact): th
 a micro-batch is that micro-batch's SHARE of the global loss; the engine sums shares over
 micro-batches and ranks (gradients are all-reduced with SUM). Normalise with the global counts the
 engine provides, e.g. `fwd.token_mean(per_token_loss)` = sum(loss * mask) / global_num_tokens. Then
-N ranks x M micro-batches give the same update as one rank on one big batch.
+N ranks x M micro-batches give the same update as one rank on one big batch. The metrics dict follows
+the same contract (shares, summed), so reported metrics are exact global-batch values too.
 
 Batch keys (numpy, rows = sequences): input_ids [B, T] (required); attention_mask [B, T]; loss_mask
 [B, T] (1 where input token t is scored, i.e. predicted from t-1; aligned with input_ids);
@@ -318,9 +319,8 @@ class TrainWorker:
                 raise TypeError(f"loss_fn must return (scalar tensor, metrics dict), got {type(loss).__name__}")
             self.accelerator.backward(loss)
             loss_sum += float(loss.detach())
-            w = num_rows(mb) / max(counts[1], 1)              # metrics: sequence-weighted mean over the batch
-            for k, v in metrics.items():
-                sums[k] += w * float(v)
+            for k, v in metrics.items():                    # metrics are shares too: summed
+                sums[k] += float(v)
         params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         for p in params:                                    # unused experts: zero grads on every rank alike
             if p.grad is None:

@@ -57,8 +57,8 @@ class Backbone(nn.Module):
         moe_i = 0
         for layer in self.layers:
             layer_replay = None
-            if layer.is_moe and replay is not None:
-                layer_replay = replay[moe_i]
+            if layer.is_moe and replay is not None:  # per-layer list, or one tensor [B, n_moe_layers, T, k]
+                layer_replay = replay[:, moe_i] if torch.is_tensor(replay) and replay.dim() == 4 else replay[moe_i]
             x, indices, layer_losses = layer(x, rotation, mask, token_mask, cache, layer_replay)
             if layer.is_moe:
                 routed.append(indices)

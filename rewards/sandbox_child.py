@@ -185,6 +185,20 @@ def _install_guard(workdir: str) -> None:
                 raise PermissionError("sandbox: signalling other processes is not allowed")
 
     sys.addaudithook(hook)
+    # A Python signal handler receives the interrupted frame (not audited), from which f_back
+    # reaches the runner: only SIG_DFL / SIG_IGN may be installed.
+    import _signal  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    raw_signal, dfl, ign = _signal.signal, _signal.SIG_DFL, _signal.SIG_IGN
+
+    def no_handlers(signalnum, handler):
+        if handler not in (dfl, ign, 0, 1):
+            raise PermissionError("sandbox: Python signal handlers are not allowed")
+        return raw_signal(int(signalnum), int(handler))
+
+    _signal.signal = signal.signal = no_handlers
+    deny_imports.add("_signal")
 
 
 def _run(job: dict, report) -> None:

@@ -110,6 +110,9 @@ class VLLMRollout:
 
         from vllm import LLM  # late: after the environment above is in place
 
+        # The in-process CPU worker disables torch.set_num_threads and drops torch to one thread
+        # for the whole process; remember both so shutdown() can give them back.
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         t0 = time.perf_counter()
         self.llm = LLM(
             model=str(self.model_dir),
@@ -236,3 +239,5 @@ class VLLMRollout:
             engine_core.shutdown()
         del llm
         cleanup_dist_env_and_memory()
+        torch.set_num_threads, num_threads = self._torch_threads
+        torch.set_num_threads(num_threads)

@@ -269,8 +269,10 @@ class TrainWorker:
     def _tensors(self, mb: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in mb.items():
-            if isinstance(v, np.ndarray | torch.Tensor):
-                out[k] = torch.as_tensor(v).to(self.device)
+            if isinstance(v, np.ndarray):                   # Ray's zero-copy arrays are read-only: copy
+                out[k] = torch.from_numpy(np.array(v)).to(self.device)
+            elif isinstance(v, torch.Tensor):
+                out[k] = v.to(self.device)
             else:
                 out[k] = v
         out["loss_mask_shifted"] = torch.as_tensor(loss_mask_of(mb)).to(self.device)

@@ -7,3 +7,9 @@ class RewardError(Exception):
 
 class RewardSpecError(RewardError):
     """A reward spec (registered name or `package.module:function`) cannot be resolved."""
+
+
+def short_repr(e: BaseException, limit: int = 160) -> str:
+    """`Type: message` of an exception on one bounded line, for one-line error messages."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -56,6 +56,7 @@ class SandboxConfig(BaseModel):
     max_output_bytes: int = Field(1 << 16, ge=1024, description="result-pipe bytes before the run is killed")
     isolate_network: bool = True  # network namespace (falls back to the audit hook)
     isolate_fs: bool = True  # mount namespace, as root only (falls back to the audit hook)
+    isolate_processes: bool = True  # PID namespace: everything dies (and is reaped) with the run
     drop_privileges: bool = True  # as root: run as a fresh uid
     audit_guard: bool = True  # in-process audit hook layer
     python: str | None = None  # interpreter for the child; default: this one
@@ -88,17 +89,15 @@ def extract_code(completion: str) -> str:
 def split_tests(tests: str | list[str], entry_point: str | None = None) -> list[tuple[bool, str]]:
     """Tests -> [(is_test, source)], one item per top-level statement; is_test if it asserts.
 
-    A list is taken as one test per element. A HumanEval-style `def check(candidate)` with no
+    A list is one item per element (e.g. MBPP's test_list). A HumanEval-style `def check(candidate)` with no
     top-level asserts is unrolled so each of its asserts counts separately (candidate = entry point).
     """
+    asserts = lambda node: any(isinstance(n, ast.Assert) for n in ast.walk(node))  # noqa: E731
     if isinstance(tests, (list, tuple)):
-        for i, t in enumerate(tests):
-            _parse(t, f"tests[{i}]")
-        return [(True, str(t)) for t in tests]
+        return [(asserts(_parse(str(t), f"tests[{i}]")), str(t)) for i, t in enumerate(tests)]
     if not isinstance(tests, str):
         raise RewardError(f"tests must be python source or a list of assert strings, got {type(tests).__name__}")
     body = _parse(tests, "tests").body
-    asserts = lambda node: any(isinstance(n, ast.Assert) for n in ast.walk(node))  # noqa: E731
     check = next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
     if check is not None and not any(asserts(n) for n in body if n is not check):
         if not entry_point:
@@ -153,7 +152,7 @@ class Sandbox:
         job = {
             "nonce": nonce, "code": code, "items": items, "entry_point": entry_point, "workdir": workdir,
             "uid": uid, "gid": uid, "isolate_network": cfg.isolate_network, "isolate_fs": cfg.isolate_fs,
-            "audit_guard": cfg.audit_guard,
+            "isolate_processes": cfg.isolate_processes, "audit_guard": cfg.audit_guard,
             "limits": {"cpu_s": int(cfg.timeout_s) + 1, "memory_mb": cfg.memory_mb, "file_mb": cfg.file_mb,
                        "nproc": cfg.nproc, "nofile": cfg.nofile},
         }

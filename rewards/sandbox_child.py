@@ -9,11 +9,12 @@ BEFORE the untrusted code is compiled, so the code never runs with more than the
   1. read the job (incl. a random nonce) from stdin, then point fds 0/1/2 at /dev/null; the
      original stdout becomes the private result fd. Only lines starting with the nonce count.
   2. resource limits (CPU, address space, file size, open files, processes, no core dumps).
-  3. as root: new network namespace (no interfaces but a down loopback -> no network) and new mount
+  3. as root: new network namespace (no interfaces but a down loopback -> no network), new mount
      namespace (throw-away tmpfs over /tmp, /var/tmp, /dev/shm and over any directory the sandbox
-     uid could not traverse to reach the interpreter, e.g. /root), then drop to a per-run uid so
-     RLIMIT_NPROC binds (root ignores it) and the kernel denies writes to, signals to, and reads
-     of, anything owned by other users. Not root: a user+network namespace if the kernel allows.
+     uid could not traverse to reach the interpreter, e.g. /root), new PID namespace (its own
+     /proc; when it ends the kernel kills and reaps everything in it), then drop to a per-run uid
+     so RLIMIT_NPROC binds (root ignores it) and the kernel denies writes to, signals to, and
+     reads of, anything owned by other users. Not root: user+net+pid namespaces if allowed.
   4. an audit hook (PEP 578) as an in-process second layer: no sockets, no new processes, no
      writes outside the work dir, no /proc reads, no ctypes, no frame/gc introspection that could
      reach the nonce, no signals to other processes.
@@ -27,8 +28,9 @@ import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 
 
 def _set_limits(lim: dict) -> None:
@@ -92,34 +94,66 @@ def _isolate_fs(libc, ctypes, workdir: str) -> None:
     os.chdir(workdir)
 
 
+def _unshare(libc, flags: int) -> int:
+    """unshare() as many of `flags` as the kernel allows (all at once, else one by one)."""
+    if libc.unshare(flags) == 0:
+        return flags
+    return sum(f for f in (CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID) if flags & f and libc.unshare(f) == 0)
+
+
+def _enter_pid_namespace(mount_proc) -> None:
+    """Fork twice: pid 1 of the new PID namespace only reaps; its child (pid 2) runs the code.
+
+    When pid 1 exits (or is SIGKILLed by the parent) the kernel kills AND reaps every process in
+    the namespace, so fork bombs leave neither processes nor zombies behind.
+    """
+    init = os.fork()
+    if init:  # still outside the namespace: mirror the namespace's exit status
+        _, status = os.waitpid(init, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    if mount_proc:
+        mount_proc()  # a /proc that only shows this namespace
+    worker = os.fork()
+    if worker:
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == worker:
+                os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
 def _isolate(job: dict) -> dict:
     """Namespaces and uid switch. Returns which layers are active (reported to the parent)."""
-    layers = {"net": "audit-hook", "fs": "audit-hook", "uid": os.getuid()}
-    want_net, want_fs, uid = job["isolate_network"], job["isolate_fs"], job["uid"]
-    if not (want_net or want_fs or uid is not None):
+    layers = {"net": "audit-hook", "fs": "audit-hook", "pid": "none", "uid": os.getuid()}
+    uid, root = job["uid"], os.geteuid() == 0
+    want = ((CLONE_NEWNET if job["isolate_network"] else 0) | (CLONE_NEWNS if job["isolate_fs"] and root else 0)
+            | (CLONE_NEWPID if job["isolate_processes"] else 0))
+    if not (want or uid is not None):
         return layers
     libc, ctypes = _libc()
     try:
-        if os.geteuid() == 0:
-            flags = (CLONE_NEWNET if want_net else 0) | (CLONE_NEWNS if want_fs else 0)
-            if flags and libc.unshare(flags) == 0:
-                if want_net:
-                    layers["net"] = "netns"
-                if want_fs:
-                    try:
-                        _isolate_fs(libc, ctypes, job["workdir"])
-                        layers["fs"] = "mountns"
-                    except OSError:
-                        pass
-            elif want_net and libc.unshare(CLONE_NEWNET) == 0:
-                layers["net"] = "netns"
-            if uid is not None and (layers["fs"] == "mountns" or not any(map(_blocked_ancestor, sys.path))):
-                os.setgroups([])
-                os.setgid(job["gid"])
-                os.setuid(uid)
-                layers["uid"] = os.getuid()
-        elif want_net and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-            layers["net"] = "netns"
+        if root:
+            got = _unshare(libc, want)
+        else:  # unprivileged: only inside a new user namespace
+            got = want if want and libc.unshare(CLONE_NEWUSER | want) == 0 else 0
+        layers["net"] = "netns" if got & CLONE_NEWNET else layers["net"]
+        if got & CLONE_NEWNS:
+            try:
+                _isolate_fs(libc, ctypes, job["workdir"])
+                layers["fs"] = "mountns"
+            except OSError:
+                pass
+        if got & CLONE_NEWPID:
+            mount_proc = None
+            if layers["fs"] == "mountns":
+                mount_proc = lambda: _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # noqa: E731
+            _enter_pid_namespace(mount_proc)
+            layers["pid"] = "pidns"
+        # Without the mount namespace the new uid may not reach the stdlib (e.g. pyenv in /root).
+        if root and uid is not None and (layers["fs"] == "mountns" or not any(map(_blocked_ancestor, sys.path))):
+            os.setgroups([])
+            os.setgid(job["gid"])
+            os.setuid(uid)
+            layers["uid"] = os.getuid()
     finally:
         for mod in ("ctypes", "_ctypes", "ctypes._endian"):
             sys.modules.pop(mod, None)
@@ -258,7 +292,7 @@ def main() -> None:
     except BaseException as e:  # noqa: BLE001  (setup failure: report it, never run the code)
         report("SETUP-ERROR " + repr(e).replace("\n", " ")[:300])
         exit_(3)
-    report(f"SETUP net={layers['net']} fs={layers['fs']} uid={layers['uid']}")
+    report("SETUP " + " ".join(f"{k}={v}" for k, v in layers.items()))
     _run(job, report)
     exit_(0)  # skip atexit handlers and thread joins registered by the untrusted code
 

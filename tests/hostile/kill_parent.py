@@ -4,13 +4,12 @@ import signal
 
 killed = False
 for attempt in (
-    lambda: os.kill(os.getppid(), signal.SIGKILL),
-    lambda: os.killpg(os.getpgid(os.getppid()), signal.SIGKILL),
-    lambda: os.system(f"kill -9 {os.getppid()}"),
+    lambda: os.kill(os.getppid(), signal.SIGKILL) is None,
+    lambda: os.killpg(os.getpgid(os.getppid()), signal.SIGKILL) is None,
+    lambda: os.system(f"kill -9 {os.getppid()}") == 0,
 ):
     try:
-        attempt()
-        killed = True
+        killed |= attempt()
     except Exception:
         pass
 

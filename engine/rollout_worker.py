@@ -1,0 +1,115 @@
+"""The rollout actor shell: one generation backend behind a fixed generate/load_weights/sleep/wake API.
+
+Backends are imported lazily inside the actor so the driver never needs vLLM: "vllm" is
+engine.rollout_vllm.VLLMRollout, "native" is engine.rollout_native.NativeRollout (our absorbed-MLA
+decode), "auto" picks vLLM when it is importable. A callable may be passed instead of a name
+(tests use an HF-generate stand-in); it is called as backend(model_dir, **kwargs).
+Plain class so it can run in-process; the driver wraps it with ray.remote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .sampling import Rollout, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "native"
+    if backend not in ("vllm", "native"):
+        raise ValueError(f"rollout backend must be auto|vllm|native, got {backend!r}")
+    return backend
+
+
+def build_backend(backend: str | Callable[..., Any], model_dir: str | os.PathLike | None, **kwargs):
+    """Instantiate a backend by name (lazy import) or by calling a factory."""
+    if callable(backend):
+        return backend(model_dir, **kwargs)
+    name = resolve_backend(backend)
+    if name == "vllm":
+        from .rollout_vllm import VLLMRollout
+
+        return VLLMRollout(model_dir, **kwargs)
+    from .rollout_native import NativeRollout
+
+    return NativeRollout(model_dir, **kwargs)
+
+
+class RolloutWorker:
+    """Holds one backend; the weight version counts refits so the driver can tell stale rollouts."""
+
+    def __init__(self, backend: str | Callable[..., Any] = "auto", model_dir: str | os.PathLike | None = None,
+                 **kwargs: Any):
+        self.model_dir = model_dir
+        self.backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
+        self.impl = build_backend(backend, model_dir, **kwargs)
+        self.version = 0
+        self.asleep = False
+
+    def ready(self) -> dict[str, Any]:
+        """Where this actor runs (node id, pid) and which backend it built; also a liveness probe."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"node_id": node, "pid": os.getpid(), "backend": self.backend_name}
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+        if self.asleep:
+            raise RuntimeError("rollout engine is asleep; wake() it (enter the rollout phase) before generate")
+        return self.impl.generate(prompt_token_ids, sampling)
+
+    def load_weights(self, named: Iterable[tuple[str, np.ndarray]]) -> tuple[int, int]:
+        """Load one bucket of checkpoint-named arrays; returns (tensors, bytes) for refit stats."""
+        named = list(named)
+        self.impl.load_weights(iter(named))
+        return len(named), int(sum(a.nbytes for _, a in named))
+
+    def finish_refit(self, version: int) -> None:
+        """Called after the last bucket: backends that stage weights may finalise here."""
+        done = getattr(self.impl, "finish_refit", None)
+        if done is not None:
+            done()
+        self.version = version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def sleep(self) -> None:
+        """vLLM sleep mode (release weights + KV cache from the GPU). Backends without it: nothing to release."""
+        fn = getattr(self.impl, "sleep", None)
+        if fn is None:
+            log.info("rollout backend %s has no sleep(); nothing released", self.backend_name)
+        else:
+            fn()
+        self.asleep = True
+
+    def wake(self) -> None:
+        """vLLM wake_up (weights + KV cache back on the GPU)."""
+        fn = getattr(self.impl, "wake", None)
+        if fn is not None:
+            fn()
+        self.asleep = False
+
+    def resident_bytes(self) -> int:
+        """Accelerator bytes the engine holds when awake: the backend's own count, else the checkpoint size."""
+        fn = getattr(self.impl, "memory_bytes", None)
+        if fn is not None:
+            return int(fn())
+        if self.model_dir is None or not Path(self.model_dir).is_dir():
+            return 0
+        return sum(p.stat().st_size for p in Path(self.model_dir).glob("*.safetensors"))
+
+    def shutdown(self) -> None:
+        fn = getattr(self.impl, "shutdown", None)
+        if fn is not None:
+            fn()

@@ -1,0 +1,145 @@
+"""Rule rewards: math answer correctness, exact match, output format, length penalty.
+
+All follow the reward protocol (see rewards/registry.py) and are registered by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from math_verify import parse, verify
+
+from rewards.registry import register
+
+_GSM8K = re.compile(r"####\s*([^\n]+)")
+_ANSWER = re.compile(r"answer(?:\s+is)?\s*[:=]\s*([^\n]+)", re.IGNORECASE)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def final_answer(text: str) -> str:
+    """Where a solution states its answer: the last \\boxed{..}, else GSM8K's '#### x', else the
+    last 'answer: x' line; else the whole text (math-verify then takes its last expression)."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    for pattern in (_GSM8K, _ANSWER):
+        hits = pattern.findall(text)
+        if hits:
+            return hits[-1].strip().rstrip(".").strip()
+    return text
+
+
+def _math_timeout() -> int | None:
+    # math-verify times out with signal.alarm, which only works on the main thread. RewardSet runs
+    # sync rewards in worker threads and enforces its own wall-clock timeout there.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+@register("math_accuracy")
+def math_accuracy(prompts: list[str], completions: list[str], answer: list[Any], **_: Any) -> list[float]:
+    """1.0 if the completion's final answer is mathematically equal to the gold `answer` column
+    (\\boxed{}, '#### 42' or 'answer: 42'; 1/2 == 0.5 == \\frac{1}{2}), else 0.0."""
+    timeout = _math_timeout()
+    scores = []
+    for i, (completion, gold) in enumerate(zip(completions, answer, strict=True)):
+        gold_parsed = _parse_math(final_answer(str(gold)), timeout)
+        if not gold_parsed:
+            raise ValueError(f"sample {i}: cannot parse the gold answer {str(gold)[:80]!r}")
+        pred = _parse_math(final_answer(completion), timeout)
+        scores.append(float(bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)))
+    return scores
+
+
+def _parse_math(snippet: str, timeout: int | None) -> list:
+    # Re-box the snippet so LaTeX answers get math-verify's boxed handling; plain text parses too.
+    parsed = parse(f"\\boxed{{{snippet}}}", parsing_timeout=timeout)
+    return parsed or parse(snippet, parsing_timeout=timeout)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split()).casefold().rstrip(".")
+
+
+@register("exact_match")
+def exact_match(prompts: list[str], completions: list[str], answer: list[Any], normalize: bool = True,
+                extract: bool = True, **_: Any) -> list[float]:
+    """1.0 if the (extracted, see final_answer) completion equals the `answer` column.
+    normalize: collapse whitespace, ignore case and a trailing period."""
+    scores = []
+    for completion, gold in zip(completions, answer, strict=True):
+        pred, gold = (final_answer(completion) if extract else completion), str(gold)
+        if normalize:
+            pred, gold = _normalize(pred), _normalize(gold)
+        scores.append(float(pred == gold))
+    return scores
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern, re.DOTALL)
+
+
+def tagged_pattern(tags: Sequence[str]) -> str:
+    """Regex for `<t1>...</t1> <t2>...</t2>` in order, nothing around, each section tag-free."""
+    parts = []
+    for tag in tags:
+        t = re.escape(tag)
+        parts.append(f"<{t}>(?:(?!</?{t}>).)*</{t}>")
+    return r"\s*" + r"\s*".join(parts) + r"\s*"
+
+
+@register("format")
+def format_reward(prompts: list[str], completions: list[str], pattern: str | None = None,
+                  tags: Sequence[str] = ("think", "answer"), **_: Any) -> list[float]:
+    """1.0 if the whole completion matches `pattern` (re.fullmatch, DOTALL), or, without a
+    pattern, consists of exactly the `tags` sections in order; else 0.0."""
+    regex = _compiled(pattern if pattern is not None else tagged_pattern(tuple(tags)))
+    return [float(regex.fullmatch(c) is not None) for c in completions]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer  # noqa: PLC0415  (heavy; only for unit="tokens")
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@register("length_penalty")
+def length_penalty(prompts: list[str], completions: list[str], target: int = 512,
+                   unit: Literal["chars", "tokens"] = "chars", per_unit: float | None = None,
+                   max_penalty: float = 1.0, tokenizer: Any = None, **_: Any) -> list[float]:
+    """0 up to `target` length, then -per_unit for every char/token beyond it, floored at
+    -max_penalty. per_unit defaults to 1/target (twice the target costs 1.0). unit="tokens"
+    needs `tokenizer`: a local tokenizer path or an object with .encode()."""
+    if target <= 0:
+        raise ValueError(f"length_penalty: target must be > 0, got {target}")
+    if unit not in ("chars", "tokens"):
+        raise ValueError(f"length_penalty: unit must be 'chars' or 'tokens', got {unit!r}")
+    slope = per_unit if per_unit is not None else 1.0 / target
+    if unit == "tokens":
+        if tokenizer is None:
+            raise ValueError("length_penalty: unit='tokens' needs a tokenizer (path or object)")
+        tok = _load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        lengths = [len(tok.encode(c, add_special_tokens=False)) for c in completions]
+    else:
+        lengths = [len(c) for c in completions]
+    return [0.0 - min(max_penalty, slope * max(0, n - target)) for n in lengths]

@@ -16,7 +16,7 @@ class HeldOutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: list[DataSource] = Field(default_factory=list)
-    reward: str = Field("math", description="registered name or dotted path of the scoring function")
+    reward: str = Field("math_accuracy", description="registered name or dotted path of the scoring function")
     max_prompts: int = Field(64, ge=1)
     every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at start and end")
 

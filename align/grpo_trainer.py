@@ -10,6 +10,7 @@ One step:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from align.grpo import group_advantages, policy_loss
+from align.data.loading import load_rows
 from align.grpo_config import GRPOConfig
 from engine.sampling import Rollout, SamplingConfig
 from rewards.combine import RewardSet
@@ -119,8 +121,8 @@ def encode_prompts(tokenizer, rows: list[dict], system_prompt: str | None) -> li
     for row in rows:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
         messages.append({"role": "user", "content": row["prompt"]})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
 
 
@@ -146,7 +148,7 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, rows: list[dict], rewards: Rew
     t_rollout = time.perf_counter()
 
     prompts, completions, columns = reward_inputs(rows, rollouts)
-    scored = rewards.score(prompts, completions, columns)
+    scored = rewards.score(prompts, completions, **columns)
     total = torch.tensor(scored.total, dtype=torch.float32)
     adv = group_advantages(total, cfg.group_size, cfg.advantage_scale)
     t_reward = time.perf_counter()
@@ -171,6 +173,10 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, rows: list[dict], rewards: Rew
     if kept:
         pad = tokenizer.pad_token_id or 0
         batch = build_batch(kept, adv[keep].numpy(), cfg.mask_truncated, pad, cfg.routing_replay)
+        if "routed_experts" in batch:  # expert load over the sampled tokens, per MoE layer
+            loads = [np.bincount(np.concatenate([r.routed_experts[layer].ravel() for r in kept]))
+                     for layer in range(len(kept[0].routed_experts))]
+            metrics["moe/max_over_mean_load"] = float(np.mean([ld.max() / max(ld.mean(), 1e-9) for ld in loads]))
         batch["old_logp"] = engine.compute_logprobs(batch, "policy")
         if cfg.beta:
             batch["ref_logp"] = engine.compute_logprobs(batch, "ref")
@@ -204,8 +210,136 @@ def latest_checkpoint(root: Path) -> Path | None:
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, default=float)
         f.flush()
-        import os
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def load_prompt_rows(sources) -> list[dict]:
+    """All rows of all sources, every column kept (math rows carry `answer`, code rows `tests`)."""
+    rows: list[dict] = []
+    for src in sources:
+        ds, _ = load_rows(src.source, src.split, src.columns, ("prompt",), src.on_bad_rows)
+        rows.extend(ds.to_list())
+    return rows
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per step, fsynced) and TensorBoard; a resumed run truncates later steps."""
+
+    def __init__(self, output_dir: Path, start_step: int):
+        self.path = output_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue          # a line cut by a crash
+                if rec.get("step", 0) <= start_step:
+                    kept.append(line)
+        self.path.write_text("".join(x + "\n" for x in kept))
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def save_state(engine, root: Path, step: int, stream: PromptStream, rewards: RewardSet, keep_last: int,
+               extra: dict) -> Path:
+    """A full, resumable checkpoint written to a temporary dir and renamed: complete or absent."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    engine.save(tmp / "engine")
+    write_json_atomic(tmp / "trainer_state.json", {"step": step, "stream": stream.state_dict(),
+                                                   "rewards": rewards.state_dict(), **extra})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
+    """The GRPO stage: returns a summary with the exported HF checkpoint at <output_dir>/model."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import AutoTokenizer
+
+    from align.errors import UserError
+    from align.models import save_atomically
+    from engine.driver import HybridEngine
+    from rewards.registry import resolve
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (Path(cfg.init_from) / "config.json").is_file():
+        raise UserError(f"grpo.init_from: {cfg.init_from} is not a checkpoint directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
+    rows = load_prompt_rows(cfg.data)
+    held_rows = load_prompt_rows(cfg.held_out.data)[: cfg.held_out.max_prompts] if cfg.held_out else []
+    held_scorer = resolve(cfg.held_out.reward) if cfg.held_out else None
+    stream = PromptStream(rows, cfg.seed)
+    rewards = RewardSet(cfg.rewards)
+    engine_cfg = cfg.engine.model_copy(deep=True)
+    engine_cfg.train.reference = cfg.beta > 0
+    engine_cfg.train.seed = cfg.seed
+
+    ckpt_root = output_dir / "checkpoints"
+    start_step, state = 0, {}
+    last = latest_checkpoint(ckpt_root) if resume else None
+    if resume and last is None and (output_dir / "metrics.jsonl").exists():
+        pass  # killed before the first checkpoint: start over
+    summary: dict = {}
+    with HybridEngine.from_config(engine_cfg, cfg.init_from, output_dir) as engine:
+        if last is not None:
+            state = json.loads((last / "trainer_state.json").read_text())
+            engine.load(last / "engine")
+            engine.sync_weights()
+            stream.load_state_dict(state["stream"])
+            rewards.load_state_dict(state["rewards"])
+            start_step = state["step"]
+        log = MetricsLog(output_dir, start_step)
+        acc_start = state.get("held_out_start")
+        if acc_start is None and held_rows:
+            acc_start = held_out_accuracy(engine, tokenizer, held_rows, held_scorer, cfg)
+        columns = [TextColumn("grpo"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task("grpo", total=cfg.steps, completed=start_step, info="")
+            for step in range(start_step, cfg.steps):
+                batch_rows = stream.take(cfg.prompts_per_step)
+                step_cfg = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(
+                    update={"seed": cfg.seed * 100_003 + step})})
+                metrics = grpo_step(engine, tokenizer, step_cfg, batch_rows, rewards)
+                metrics["step"] = step + 1
+                if cfg.held_out and cfg.held_out.every and (step + 1) % cfg.held_out.every == 0:
+                    metrics["held_out/accuracy"] = held_out_accuracy(engine, tokenizer, held_rows, held_scorer, cfg)
+                log.write(metrics)
+                progress.update(task, advance=1, info=f"reward {metrics['reward/total_mean']:.3f}")
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                    save_state(engine, ckpt_root, step + 1, stream, rewards, cfg.keep_last,
+                               {"held_out_start": acc_start})
+        acc_end = held_out_accuracy(engine, tokenizer, held_rows, held_scorer, cfg) if held_rows else None
+        save_state(engine, ckpt_root, cfg.steps, stream, rewards, cfg.keep_last, {"held_out_start": acc_start})
+
+        def export(tmp: Path) -> None:
+            engine.export_hf(tmp)
+            tokenizer.save_pretrained(tmp)
+        save_atomically(export, output_dir / "model")
+        log.close()
+        summary = {"output_path": str(output_dir / "model"), "held_out_accuracy_start": acc_start,
+                   "held_out_accuracy_end": acc_end, "steps": cfg.steps}
+    return summary

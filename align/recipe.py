@@ -161,9 +161,9 @@ def validate(data: dict, path: str | Path) -> BaseModel:
         from rewards.registry import resolve
         for i, comp in enumerate(recipe.grpo.rewards):
             try:
-                resolve(comp.fn)
+                resolve(comp.spec)
             except RewardSpecError as e:
-                raise RecipeError(f"{path}: grpo.rewards.{i}.fn: {e}") from None
+                raise RecipeError(f"{path}: grpo.rewards.{i}.spec: {e}") from None
     return recipe
 
 

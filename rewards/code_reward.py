@@ -15,8 +15,9 @@ from rewards.sandbox import Sandbox, SandboxConfig, extract_code
 
 
 @register("code")
-def code_reward(prompts: list[str], completions: list[str], tests: list[Any], entry_point: list[str | None] | None = None,
-                sandbox: Mapping[str, Any] | None = None, **_: Any) -> list[float]:
+def code_reward(prompts: list[str], completions: list[str], tests: list[Any],
+                entry_point: list[str | None] | None = None, sandbox: Mapping[str, Any] | None = None,
+                **_: Any) -> list[float]:
     """passed/total asserts per sample (0.0 for timeouts, crashes, load errors and hostile code).
     `sandbox`: SandboxConfig fields, e.g. {"timeout_s": 5, "memory_mb": 512}."""
     box = Sandbox(SandboxConfig(**(sandbox or {})))

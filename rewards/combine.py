@@ -188,7 +188,8 @@ class RewardSet:
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Running normalisation statistics and failure counts, so a resumed run continues them."""
-        return {"stats": {k: s.state_dict() for k, s in self.stats.items()}, "failure_totals": dict(self.failure_totals)}
+        return {"stats": {k: s.state_dict() for k, s in self.stats.items()},
+                "failure_totals": dict(self.failure_totals)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for label, s in state.get("stats", {}).items():

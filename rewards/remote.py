@@ -56,7 +56,8 @@ class RemoteReward:
                 if attempt:
                     await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
                 try:
-                    return self._parse(await client.post(self.url, json=payload, headers=self.headers), sk, len(prompts))
+                    response = await client.post(self.url, json=payload, headers=self.headers)
+                    return self._parse(response, sk, len(prompts))
                 except (httpx.TransportError, _Retryable) as e:  # TransportError includes timeouts
                     last = e
         raise RewardError(f"remote reward {self.url}: {short_repr(last)} (after {self.retries + 1} attempts)")

@@ -171,6 +171,8 @@ class Sandbox:
             leftover = _kill_all(proc, uid)
             shutil.rmtree(workdir, ignore_errors=True)
         result.uid, result.elapsed_s = uid, time.monotonic() - start
+        if result.status == "crashed":
+            result.detail = f"exit {proc.returncode} {result.detail}"
         if leftover:
             result.detail += f" ({leftover} processes of uid {uid} survived SIGKILL)"
         return result
@@ -204,9 +206,10 @@ class Sandbox:
                             return result
         finally:
             sel.close()
-        code = proc.wait()
+        # Not proc.wait() here: reaping first would free the pid (and so the process group id)
+        # for reuse before _kill_all's killpg. The exit code is filled in after the kill.
         return SandboxResult(status="crashed", layers=layers,
-                             detail=f"exit {code} without a result; stderr: {err.decode(errors='replace')[-300:]}")
+                             detail=f"without a result; stderr: {err.decode(errors='replace')[-300:]}")
 
 
 def _parse_lines(lines: list[bytes], nonce: str, layers: dict[str, str]) -> SandboxResult | None:

@@ -30,7 +30,8 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 
 def _set_limits(lim: dict) -> None:
@@ -101,7 +102,7 @@ def _unshare(libc, flags: int) -> int:
     return sum(f for f in (CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID) if flags & f and libc.unshare(f) == 0)
 
 
-def _enter_pid_namespace(mount_proc) -> None:
+def _enter_pid_namespace(own_proc) -> None:
     """Fork twice: pid 1 of the new PID namespace only reaps; its child (pid 2) runs the code.
 
     When pid 1 exits (or is SIGKILLed by the parent) the kernel kills AND reaps every process in
@@ -111,8 +112,11 @@ def _enter_pid_namespace(mount_proc) -> None:
     if init:  # still outside the namespace: mirror the namespace's exit status
         _, status = os.waitpid(init, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-    if mount_proc:
-        mount_proc()  # a /proc that only shows this namespace
+    if own_proc:  # a /proc that only shows this namespace (else the host's stays, still guarded)
+        try:
+            _mount(*own_proc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            pass
     worker = os.fork()
     if worker:
         while True:
@@ -143,10 +147,7 @@ def _isolate(job: dict) -> dict:
             except OSError:
                 pass
         if got & CLONE_NEWPID:
-            mount_proc = None
-            if layers["fs"] == "mountns":
-                mount_proc = lambda: _mount(libc, ctypes, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # noqa: E731
-            _enter_pid_namespace(mount_proc)
+            _enter_pid_namespace(own_proc=layers["fs"] == "mountns" and (libc, ctypes))
             layers["pid"] = "pidns"
         # Without the mount namespace the new uid may not reach the stdlib (e.g. pyenv in /root).
         if root and uid is not None and (layers["fs"] == "mountns" or not any(map(_blocked_ancestor, sys.path))):

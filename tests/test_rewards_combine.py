@@ -60,7 +60,8 @@ def test_custom_reward_by_dotted_path_gets_the_extra_columns():
     out = rs.score(["p1", "p2"], ["red apple", "blue sky"], keywords=[["red", "apple"], ["sky", "sea"]],
                    answer=["x", "y"])
     assert out.raw[f"{FIX}:keyword_overlap"] == [1.5, 1.0]
-    assert fx.CALLS == [{"prompts": ["p1", "p2"], "keywords": [["red", "apple"], ["sky", "sea"]], "columns": ["answer"]}]
+    assert fx.CALLS == [{"prompts": ["p1", "p2"], "keywords": [["red", "apple"], ["sky", "sea"]],
+                         "columns": ["answer"]}]
 
 
 def test_class_spec_is_built_once_with_kwargs():

@@ -77,7 +77,8 @@ def test_format_tags_and_regex():
     ]
     assert format_reward(["q"] * len(comps), comps) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert format_reward(["q"] * 2, ["<sol>1</sol>", "<answer>1</answer>"], tags=["sol"]) == [1.0, 0.0]
-    assert format_reward(["q"] * 3, ["Final: 12", "Final: x", "Final: 12 extra"], pattern=r"Final: \d+") == [1.0, 0.0, 0.0]
+    by_regex = format_reward(["q"] * 3, ["Final: 12", "Final: x", "Final: 12 extra"], pattern=r"Final: \d+")
+    assert by_regex == [1.0, 0.0, 0.0]
 
 
 def test_length_penalty_chars():

@@ -6,6 +6,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from rewards.sandbox import Sandbox, SandboxConfig, extract_code, processes_of_u
 HOSTILE = Path(__file__).parent / "hostile"
 ADD_TESTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
 ROOT = os.geteuid() == 0
-FAST = SandboxConfig(timeout_s=2.0, memory_mb=512)
+FAST = SandboxConfig(timeout_s=5.0, memory_mb=512)  # generous: the 2 cores are shared and busy
 
 LEGIT = '''
 import sys, re, heapq, functools, typing
@@ -45,7 +46,8 @@ def solve(n):
 def test_correct_code_scores_one_even_with_stdlib_heavy_code():
     completion = f"Here you go:\n```python\n{LEGIT}\n```\nDone."
     tests = ["assert solve(10) == 55", "assert solve(1) == 1",
-             "import os\nassert sorted(os.environ) == ['HOME', 'LANG', 'PATH', 'TMPDIR']\nassert os.getcwd() == os.environ['HOME']"]
+             "import os\nassert sorted(os.environ) == ['HOME', 'LANG', 'PATH', 'TMPDIR']\n"
+             "assert os.getcwd() == os.environ['HOME']"]
     r = Sandbox(FAST).run(extract_code(completion), tests)
     assert (r.status, r.passed, r.total, r.score) == ("ok", 3, 3, 1.0), r
 
@@ -86,14 +88,16 @@ def test_extract_code_prefers_the_last_python_block():
     assert extract_code("```python\nunterminated = 5\n").strip() == "unterminated = 5"
 
 
+@pytest.mark.skipif(not ROOT, reason="counts children by their private uids, which needs root")
 def test_samples_run_concurrently_in_a_bounded_pool():
-    code = "import time\ntime.sleep(0.6)\ndef f():\n    return 1\n"
-    box = Sandbox(SandboxConfig(timeout_s=5, max_workers=2))
-    t0 = time.monotonic()
-    results = box.run_many([code] * 4 + ["def f():\n    return 2\n"], [["assert f() == 1"]] * 5)
-    elapsed = time.monotonic() - t0
-    assert [r.score for r in results] == [1.0] * 4 + [0.0]
-    assert elapsed < 4 * 0.6 + 1.0  # 2 at a time, not one after another (plus start-up)
+    code = "import time\ntime.sleep(0.8)\ndef f():\n    return 1\n"
+    box = Sandbox(SandboxConfig(timeout_s=10, max_workers=2))
+    codes = [code] * 4 + ["def f():\n    return 2\n"]
+    results, samples = _watch(lambda: box.run_many(codes, [["assert f() == 1"]] * 5))
+    assert [r.score for r in results] == [1.0] * 4 + [0.0]  # in input order
+    ours = {r.uid for r in results}
+    peak = max(len(ours & set(live)) for live in samples)
+    assert peak == 2  # two children at a time: concurrent, and bounded by max_workers
 
 
 # -- the hostile corpus ---------------------------------------------------------------------------
@@ -139,18 +143,20 @@ def test_hostile_code_is_contained_and_scores_zero(name, hostile_env):
     env, listener, secret = hostile_env
     t0 = time.monotonic()
     r = Sandbox(FAST).run(load_hostile(name, env), ADD_TESTS)
-    assert time.monotonic() - t0 < FAST.timeout_s + 3
+    assert time.monotonic() - t0 < FAST.timeout_s + 5
     assert_contained(r, env, listener, secret)
     assert r.status != "setup-error", r
-    expected = {"fork_bomb.py": {"timeout"}, "infinite_loop.py": {"timeout"}, "memory_bomb.py": {"load-error"},
-                "huge_output.py": {"output-limit"}, "exit_early.py": {"crashed"}, "forge_result.py": {"crashed"}}
+    expected = {"fork_bomb.py": {"timeout"}, "infinite_loop.py": {"timeout"},
+                "memory_bomb.py": {"load-error", "timeout"}, "huge_output.py": {"output-limit"},
+                "exit_early.py": {"crashed"}, "forge_result.py": {"crashed"}}
     assert r.status in expected.get(name, {"ok", "load-error", "crashed"}), r
 
 
 def test_hostile_batch_through_the_code_reward(hostile_env):
     env, listener, secret = hostile_env
     names = ["network.py", "secret_env.py", "kill_parent.py", "write_outside.py", "exit_in_test.py"]
-    completions = [f"```python\n{load_hostile(n, env)}\n```" for n in names] + ["```python\ndef add(a, b):\n    return a + b\n```"]
+    completions = [f"```python\n{load_hostile(n, env)}\n```" for n in names]
+    completions.append("```python\ndef add(a, b):\n    return a + b\n```")
     rs = RewardSet([{"spec": "code", "kwargs": {"sandbox": {"timeout_s": 3}}, "timeout_s": 60}])
     out = rs.score(["q"] * len(completions), completions, tests=[ADD_TESTS] * len(completions))
     assert out.total == [0.0] * len(names) + [1.0]
@@ -160,37 +166,42 @@ def test_hostile_batch_through_the_code_reward(hostile_env):
 
 
 # -- each layer on its own ------------------------------------------------------------------------
-def _sandbox_processes() -> tuple[int, int]:
-    """(live, zombie) processes owned by any sandbox uid."""
-    live = zombie = 0
+def _sandbox_snapshot() -> tuple[Counter, Counter]:
+    """(live, zombie) process counts per sandbox uid (the private uid range of rewards/sandbox.py)."""
+    live, zombie = Counter(), Counter()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if 2_000_000_000 <= int(fields["Uid"].split()[0]) < 2_100_000_000:
-            zombie += fields["State"].strip().startswith("Z")
-            live += not fields["State"].strip().startswith("Z")
+        uid = int(fields["Uid"].split()[0])
+        if 2_000_000_000 <= uid < 2_100_000_000:
+            (zombie if fields["State"].strip().startswith("Z") else live)[uid] += 1
     return live, zombie
+
+
+def _watch(fn) -> tuple[object, list[Counter]]:
+    """Run fn() in a thread and sample the sandbox processes until it returns."""
+    result, samples = {}, []
+    worker = threading.Thread(target=lambda: result.update(r=fn()))
+    worker.start()
+    while worker.is_alive():
+        samples.append(_sandbox_snapshot()[0])
+        time.sleep(0.02)
+    return result["r"], samples
 
 
 @pytest.mark.skipif(not ROOT, reason="RLIMIT_NPROC containment via a private uid needs root")
 def test_fork_bomb_is_bounded_by_nproc_without_the_audit_hook():
-    cfg = SandboxConfig(timeout_s=2.0, nproc=24, audit_guard=False)
-    result, peak = {}, 0
-    worker = threading.Thread(target=lambda: result.update(
-        r=Sandbox(cfg).run((HOSTILE / "fork_bomb.py").read_text(), ADD_TESTS)))
-    worker.start()
-    while worker.is_alive():
-        peak = max(peak, _sandbox_processes()[0])
-        time.sleep(0.02)
-    r = result["r"]
+    cfg = SandboxConfig(timeout_s=3.0, nproc=24, audit_guard=False)
+    r, samples = _watch(lambda: Sandbox(cfg).run((HOSTILE / "fork_bomb.py").read_text(), ADD_TESTS))
+    peak = max(live[r.uid] for live in samples)
     assert r.status == "timeout" and r.score == 0.0
     assert r.layers["uid"] == str(r.uid) and r.layers["pid"] == "pidns"
     assert 2 <= peak <= cfg.nproc  # it did fork, and never beyond the limit
-    assert processes_of_uid(r.uid) == []
-    assert _sandbox_processes() == (0, 0)  # all dead and reaped (PID namespace), no zombies
+    live, zombie = _sandbox_snapshot()
+    assert live[r.uid] == 0 and zombie[r.uid] == 0  # all dead and reaped (PID namespace)
 
 
 @pytest.mark.skipif(not ROOT, reason="namespaces and the uid switch need root")

@@ -1,0 +1,40 @@
+"""Rewards and a tiny policy checkpoint for the GRPO tests (referenced by dotted path from configs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import model
+from model.tokenizer import train_tokenizer
+
+
+def sevens(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Share of the completion's characters that are '7'."""
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def brevity(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """1 for an empty answer, 0 from 40 characters on: learnable fast (stop with <|eos|> early)."""
+    return [1.0 - min(len(c), 40) / 40 for c in completions]
+
+
+def make_policy(root: Path, seed: int = 0, **overrides) -> Path:
+    """A small MLA/MoE policy with a locally trained tokenizer, saved in the HF layout."""
+    texts = [f"{i} plus {j} is {i + j}. Count to {k}: " + " ".join(str(x) for x in range(k))
+             for i in range(30) for j in range(10) for k in (3, 7)]
+    tok = train_tokenizer(texts, vocab_size=320)
+    small = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                 intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2)
+    net = model.build("tiny", seed=seed, **{**small, **overrides})
+    out = root / "policy"
+    net.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_prompts(path: Path, n: int = 16) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Count to {i % 7 + 2}:", "answer": str(i % 7 + 2)}) + "\n")
+    return path

@@ -158,7 +158,7 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, rows: list[dict], rewards: Rew
     keep = torch.ones_like(total, dtype=torch.bool)
     if cfg.dynamic_sampling:
         keep = (~tied).repeat_interleave(cfg.group_size)
-    metrics: dict = {f"reward/{k}": v for k, v in scored.metrics.items()}
+    metrics: dict = dict(scored.metrics)                     # rewards/<component>/{mean,std,failures}
     metrics.update({
         "reward/total_mean": float(total.mean()), "reward/total_std": float(total.std()),
         "adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(adv.abs().max()),

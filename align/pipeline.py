@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from align.recipe import (EvalRecipe, GRPORecipe, PipelineRecipe, RMRecipe, SFTRecipe, load_recipe,
-                          substitute)
+from align.recipe import (CompareRecipe, EvalRecipe, GRPORecipe, PipelineRecipe, RMRecipe, SFTRecipe,
+                          load_recipe, substitute)
 
 COMPLETE = "COMPLETE.json"
 console = Console(stderr=True)
@@ -49,6 +49,9 @@ def run_stage(recipe, output_dir: Path, resume: bool = False) -> dict:
     elif isinstance(recipe, EvalRecipe):
         from align.eval.run import run_eval
         result = run_eval(recipe.eval.model_copy(update={"output_dir": output_dir}))
+    elif isinstance(recipe, CompareRecipe):
+        from align.compare import run_compare
+        result = run_compare(recipe.compare.model_copy(update={"output_dir": str(output_dir)}))
     else:
         raise TypeError(f"not a single-stage recipe: {type(recipe).__name__}")
     summary = {"stage": recipe.stage, "seconds": round(time.time() - t0, 1), **(result or {})}

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from align.compare import CompareConfig
 from align.errors import UserError
 from align.eval.run import EvalConfig
 from align.grpo_config import GRPOConfig
@@ -49,6 +50,12 @@ class EvalRecipe(BaseModel):
     eval: EvalConfig
 
 
+class CompareRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: Literal["compare"]
+    compare: CompareConfig
+
+
 class PipelineStage(BaseModel):
     """One stage of a pipeline: a recipe file plus overrides; `${name}` is that earlier stage's output dir."""
 
@@ -67,7 +74,7 @@ class PipelineRecipe(BaseModel):
     report: bool = True
 
 
-Recipe = Annotated[Union[SFTRecipe, RMRecipe, GRPORecipe, EvalRecipe, PipelineRecipe], Field(discriminator="stage")]
+Recipe = Annotated[Union[SFTRecipe, RMRecipe, GRPORecipe, EvalRecipe, CompareRecipe, PipelineRecipe], Field(discriminator="stage")]
 
 
 class _RecipeAdapter(BaseModel):
@@ -139,14 +146,14 @@ def read_yaml(path: str | Path) -> dict:
 def _format(e: ValidationError, path: str | Path) -> str:
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]][1:]       # drop the adapter's "recipe"
-    if loc and loc[0] in ("sft", "rm", "grpo", "eval", "pipeline") and len(loc) > 1 and loc[1] == loc[0]:
+    if loc and loc[0] in ("sft", "rm", "grpo", "eval", "compare", "pipeline") and len(loc) > 1 and loc[1] == loc[0]:
         loc = loc[1:]                            # the union tag pydantic adds
     field = ".".join(loc) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "union_tag_invalid":
-        msg = f"unknown stage {err['input']!r} (expected sft, rm, grpo, eval or pipeline)"
+        msg = f"unknown stage {err['input']!r} (expected sft, rm, grpo, eval, compare or pipeline)"
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{path}: {field}: {msg}{more}"
 

@@ -49,9 +49,27 @@ def ray_temp_dir(cfg: ClusterConfig, run_dir: str | os.PathLike) -> str:
     if len(str(wanted)) <= MAX_TEMP_DIR_LEN:
         return str(wanted)
     short = f"/tmp/deepalign-ray-{hashlib.sha1(str(wanted).encode()).hexdigest()[:10]}"
-    log.warning("Ray temp dir %s is longer than %d chars (unix socket limit); using %s", wanted,
-                MAX_TEMP_DIR_LEN, short)
+    log.warning("Ray temp dir %s is longer than %d chars (unix socket limit); using %s (linked from there)",
+                wanted, MAX_TEMP_DIR_LEN, short)
+    Path(short).mkdir(parents=True, exist_ok=True)
+    if not wanted.exists() and not wanted.is_symlink():         # keep the logs findable from the run dir
+        wanted.parent.mkdir(parents=True, exist_ok=True)
+        wanted.symlink_to(short, target_is_directory=True)
     return short
+
+
+def plan_bundles(cfg: ClusterConfig, num_train_ranks: int, use_gpu: bool) -> list[dict[str, float]]:
+    """Placement-group bundles: colocated = one per rank (rollout shares bundle 0); split = rollout + one per rank."""
+    gpu = {"GPU": 1.0} if use_gpu else {}
+    if cfg.placement == "colocated":
+        merged = dict(cfg.train_resources)
+        for k, v in cfg.rollout_resources.items():
+            merged[k] = max(v, merged.get(k, 0.0))
+        first = {"CPU": max(cfg.train_num_cpus, cfg.rollout_num_cpus), **gpu, **merged}
+        rest = {"CPU": cfg.train_num_cpus, **gpu, **cfg.train_resources}
+        return [first] + [dict(rest) for _ in range(num_train_ranks - 1)]
+    rollout = {"CPU": cfg.rollout_num_cpus, **gpu, **cfg.rollout_resources}
+    return [rollout] + [{"CPU": cfg.train_num_cpus, **gpu, **cfg.train_resources} for _ in range(num_train_ranks)]
 
 
 class Cluster:
@@ -69,7 +87,7 @@ class Cluster:
         self._install_handlers()
         try:
             self.use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-            self.bundles = self._bundles()
+            self.bundles = plan_bundles(cfg, num_train_ranks, self.use_gpu)
             self.pg = self._placement_group()
         except BaseException:
             self.shutdown()
@@ -82,13 +100,14 @@ class Cluster:
             log.info("reusing the Ray session already initialised in this process")
             return
         if self.cfg.address is not None:
-            ray.init(address=self.cfg.address, log_to_driver=True)
+            ray.init(address=self.cfg.address, _node_ip_address=self.cfg.node_ip_address)
             log.info("joined Ray cluster at %s", self.cfg.address)
         else:
             temp = ray_temp_dir(self.cfg, run_dir)
             Path(temp).mkdir(parents=True, exist_ok=True)
-            ray.init(_temp_dir=temp, include_dashboard=False, num_cpus=self.cfg.num_cpus,
-                     num_gpus=self.cfg.num_gpus, object_store_memory=self.cfg.object_store_memory)
+            ray.init(address="local", _temp_dir=temp, include_dashboard=False, num_cpus=self.cfg.num_cpus,
+                     num_gpus=self.cfg.num_gpus, object_store_memory=self.cfg.object_store_memory,
+                     _node_ip_address=self.cfg.node_ip_address)
             log.info("started local Ray (temp dir %s)", temp)
         self.owns_ray = True
 
@@ -102,19 +121,6 @@ class Cluster:
             self._prev_sigterm = signal.signal(signal.SIGTERM, on_term)
 
     # -- placement -------------------------------------------------------------------------------
-    def _bundles(self) -> list[dict[str, float]]:
-        c, n = self.cfg, self.num_train_ranks
-        gpu = {"GPU": 1.0} if self.use_gpu else {}
-        if c.placement == "colocated":
-            merged = dict(c.train_resources)
-            for k, v in c.rollout_resources.items():
-                merged[k] = max(v, merged.get(k, 0.0))
-            first = {"CPU": max(c.train_num_cpus, c.rollout_num_cpus), **gpu, **merged}
-            rest = {"CPU": c.train_num_cpus, **gpu, **c.train_resources}
-            return [first] + [dict(rest) for _ in range(n - 1)]
-        rollout = {"CPU": c.rollout_num_cpus, **gpu, **c.rollout_resources}
-        return [rollout] + [{"CPU": c.train_num_cpus, **gpu, **c.train_resources} for _ in range(n)]
-
     def _placement_group(self) -> PlacementGroup:
         pg = placement_group(self.bundles, strategy=self.cfg.strategy)
         try:

@@ -16,6 +16,9 @@ class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     address: str | None = Field(None, description="None = start a local Ray; 'auto' or 'host:port' = join")
+    node_ip_address: str | None = Field(
+        None, description="IP this driver's node advertises (None = Ray's choice). Ray rewrites 127.0.0.1 to the "
+                          "host's address; another loopback address such as 127.0.0.2 keeps a local run on loopback")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (None = Ray's default)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None = Ray's default)")
     object_store_memory: int | None = Field(None, ge=78_643_200, description="bytes, local Ray only")

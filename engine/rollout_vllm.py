@@ -11,7 +11,7 @@ vLLM's CPU MLA kernel only supports kv_lora_rank=512 and qk_rope_head_dim=64.
 
 Routed experts (for replaying the sampler's MoE routing in the trainer): vLLM 0.32 can return
 them (`enable_return_routed_experts=True`, CompletionOutput.routed_experts, shape
-[prompt+completion tokens, moe layers, top_k]) but only with Model Runner V2 (needs Triton, so
+[prompt+completion tokens, num_hidden_layers, top_k]) but only with Model Runner V2 (needs Triton, so
 CUDA) and prefix caching. Neither exists on CPU, so `return_routed_experts=True` raises there and
 Rollout.routed_experts stays None; on GPU it is passed through, split per layer.
 """
@@ -76,7 +76,6 @@ class VLLMRollout:
         self.on_cpu = not torch.cuda.is_available()
         self.has_tokenizer = any((self.model_dir / f).exists() for f in TOKENIZER_FILES)
         self.eos_token_ids = _eos_token_ids(self.model_dir)
-        self.seed = seed
 
         # Must be set before vLLM reads its environment (at import / engine creation).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -110,8 +109,8 @@ class VLLMRollout:
 
         from vllm import LLM  # late: after the environment above is in place
 
-        # The in-process CPU worker disables torch.set_num_threads and drops torch to one thread
-        # for the whole process; remember both so shutdown() can give them back.
+        # The in-process CPU worker replaces torch.set_num_threads with a no-op for the whole
+        # process; remember it (and the thread count) so shutdown() can give them back.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         t0 = time.perf_counter()
         self.llm = LLM(
@@ -125,6 +124,7 @@ class VLLMRollout:
             **kwargs,
         )
         self.startup_seconds = time.perf_counter() - t0
+        self.refit_open = False
         log.info("vLLM ready in %.1f s (%s)", self.startup_seconds, "cpu" if self.on_cpu else "cuda")
 
     # ------------------------------------------------------------------ sampling
@@ -136,6 +136,7 @@ class VLLMRollout:
         """
         from vllm import SamplingParams
 
+        self.finish_refit()
         if sampling.stop and not self.has_tokenizer:
             raise ValueError(f"SamplingConfig.stop needs a tokenizer, and {self.model_dir} has none; use stop_token_ids")
         for i, p in enumerate(prompt_token_ids):
@@ -185,37 +186,56 @@ class VLLMRollout:
         return rollouts
 
     # ------------------------------------------------------------------ refit
+    # A refit is staged: load_weights() may be called once per bucket (what the Ray rollout
+    # worker does), and finish_refit() post-processes the layers once all their tensors are in.
+    # generate() finishes a pending refit itself, so a lone load_weights() call is also safe.
+
     def load_weights(
         self,
         named: Iterable[tuple[str, torch.Tensor | np.ndarray]],
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> RefitStats:
-        """Replace the weights in place from checkpoint-named tensors/arrays (see engine.refit)."""
-        return self.load_weight_buckets(buckets(named, bucket_bytes))
+        """Stage checkpoint-named tensors/arrays (see engine.refit) into the engine, bucket by bucket.
 
-    def load_weight_buckets(self, bucket_iter: Iterable[list[NamedArray]]) -> RefitStats:
-        """Refit from already-bucketed float32 arrays (e.g. received from a Ray train worker).
-
-        A failure midway leaves the engine half-loaded: refit again or restart it.
+        Opens a refit if none is open. Returns what this call moved; call finish_refit() after the
+        last call. A failure midway leaves the engine half-loaded: refit again or restart it.
         """
         t0 = time.perf_counter()
+        if not self.refit_open:
+            self.llm.collective_rpc("refit_begin")
+            self.refit_open = True
         nbytes = ntensors = nbuckets = 0
-        self.llm.collective_rpc("refit_begin")
-        for bucket in bucket_iter:
+        for bucket in buckets(named, bucket_bytes):
             self.llm.collective_rpc("refit_load", args=(bucket,))
             nbytes += sum(arr.nbytes for _, arr in bucket)
             ntensors += len(bucket)
             nbuckets += 1
+        return RefitStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_tensors=ntensors, num_buckets=nbuckets)
+
+    def finish_refit(self) -> None:
+        """Post-process every layer completed by this refit; a no-op when no refit is open."""
+        if not self.refit_open:
+            return
         self.llm.collective_rpc("refit_finish")
+        self.refit_open = False
         if self.prefix_caching:
             self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+
+    def load_weight_buckets(self, bucket_iter: Iterable[list[NamedArray]]) -> RefitStats:
+        """One whole refit from already-bucketed float32 arrays: stage every bucket, then finish."""
+        t0 = time.perf_counter()
+        nbytes = ntensors = nbuckets = 0
+        for bucket in bucket_iter:
+            st = self.load_weights(bucket, bucket_bytes=max(1, sum(a.nbytes for _, a in bucket)))
+            nbytes, ntensors, nbuckets = nbytes + st.bytes, ntensors + st.num_tensors, nbuckets + 1
+        self.finish_refit()
         stats = RefitStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_tensors=ntensors, num_buckets=nbuckets)
         log.info("%s", stats)
         return stats
 
     # ------------------------------------------------------------------ memory
     def sleep(self) -> None:
-        """Free GPU memory (weights offloaded, KV cache dropped) while the trainer runs."""
+        """Free GPU memory (weights offloaded, KV cache dropped) while the trainer runs; wake() before refit."""
         if self.on_cpu:
             log.info("vLLM sleep mode is unavailable on CPU; sleep() is a no-op")
             return

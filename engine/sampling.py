@@ -38,7 +38,8 @@ class Rollout:
 
     logprobs are the sampling engine's log-probs of the sampled tokens (float32 values, one per
     token in token_ids), or None when not requested. routed_experts, when the backend can capture
-    them, is one int array [len(prompt)+len(completion), k] per MoE layer.
+    them, is one int array [tokens run through the model (prompt + completion), k] per decoder
+    layer (vLLM sizes it by num_hidden_layers; the rows of dense layers carry no routing).
     """
 
     prompt_index: int

@@ -230,6 +230,8 @@ class TrainWorker:
     def init_distributed(self, addr: str, port: int, timeout_s: float = 600.0) -> None:
         """Join the process group (gloo on CPU, NCCL on GPU) and take rank 0's weights."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if addr.startswith("127."):                         # all ranks on this host: keep gloo on loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         with torch.no_grad():

@@ -11,6 +11,9 @@ begin/finish pair also guarantees a layer split across buckets is processed only
 On CPU one step is missing upstream: on a weight *update* the unquantized MoE method copies the
 new experts into the existing (already prepacked) storage but skips the CPU kernel's prepack,
 so refit_finish re-runs that prepack; without it the experts would compute with garbage.
+
+Expected log noise per refit: "RotaryEmbedding: Failed to load weights" (its cos/sin cache is no
+checkpoint tensor; vLLM puts the existing one back untouched).
 """
 
 from __future__ import annotations

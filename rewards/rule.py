@@ -143,3 +143,30 @@ def length_penalty(prompts: list[str], completions: list[str], target: int = 512
     else:
         lengths = [len(c) for c in completions]
     return [0.0 - min(max_penalty, slope * max(0, n - target)) for n in lengths]
+
+
+@register("reasoning")
+def reasoning_reward(prompts: list[str], completions: list[str], answer: list[Any] | None = None,
+                     tests: list[Any] | None = None, entry_point: list[Any] | None = None, **_: Any) -> list[float]:
+    """Stage 1's rule reward over a math + code mixture: each row is scored by the check its columns
+    call for (math-verify against `answer`, or the sandboxed unit `tests`)."""
+    from rewards.code_reward import code_reward
+
+    n = len(completions)
+    answer = answer if answer is not None else [None] * n
+    tests = tests if tests is not None else [None] * n
+    entry_point = entry_point if entry_point is not None else [None] * n
+    scores = [0.0] * n
+    math_rows = [i for i in range(n) if answer[i] not in (None, "")]
+    code_rows = [i for i in range(n) if tests[i] not in (None, "") and i not in set(math_rows)]
+    if math_rows:
+        got = math_accuracy([prompts[i] for i in math_rows], [completions[i] for i in math_rows],
+                            answer=[answer[i] for i in math_rows])
+        for i, s in zip(math_rows, got):
+            scores[i] = s
+    if code_rows:
+        got = code_reward([prompts[i] for i in code_rows], [completions[i] for i in code_rows],
+                          tests=[tests[i] for i in code_rows], entry_point=[entry_point[i] for i in code_rows])
+        for i, s in zip(code_rows, got):
+            scores[i] = s
+    return scores

@@ -39,7 +39,9 @@ OPTIM = OptimConfig(lr=0.5, eps=1.0, max_grad_norm=None, micro_batch_size=3)
 @pytest.fixture(scope="module")
 def ray_session():
     temp = tempfile.mkdtemp(prefix="da-ray-", dir="/tmp")       # short: Ray's unix socket path limit
-    ray.init(num_cpus=4, _temp_dir=temp, include_dashboard=False, object_store_memory=100 * 2**20)
+    # 127.0.0.2: Ray rewrites 127.0.0.1 to the host's address; any other loopback address keeps traffic on lo.
+    ray.init(address="local", num_cpus=4, _temp_dir=temp, include_dashboard=False,
+             object_store_memory=100 * 2**20, _node_ip_address="127.0.0.2")
     register_for_ray()
     yield
     ray.shutdown()

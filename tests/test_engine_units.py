@@ -15,6 +15,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine_standin import VOCAB, random_batch, tiny_policy, weighted_nll  # noqa: E402
 
+from engine.cluster import MAX_TEMP_DIR_LEN, plan_bundles, ray_temp_dir  # noqa: E402
 from engine.config import ClusterConfig, EngineConfig, OptimConfig, TrainConfig  # noqa: E402
 from engine.logprobs import entropy, token_logprobs  # noqa: E402
 from engine.offload import (DEFAULT_PHASES, Item, ModuleSlot, OffloadedError, OffloadScheduler,  # noqa: E402
@@ -47,6 +48,29 @@ def test_configs_reject_typos_and_inconsistent_settings():
     cfg = EngineConfig.model_validate({"cluster": {"placement": "split", "train_resources": {"train_node": 1}},
                                        "train": {"dp_world_size": 2}})
     assert cfg.cluster.train_resources == {"train_node": 1} and cfg.train.dp_world_size == 2
+
+
+def test_placement_bundles_for_colocated_and_split():
+    colo = ClusterConfig(placement="colocated", train_num_cpus=2, rollout_num_cpus=3,
+                         rollout_resources={"a": 1}, train_resources={"a": 0.5, "b": 1})
+    assert plan_bundles(colo, 2, use_gpu=True) == [{"CPU": 3, "GPU": 1, "a": 1, "b": 1},
+                                                   {"CPU": 2, "GPU": 1, "a": 0.5, "b": 1}]
+    split = ClusterConfig(placement="split", rollout_resources={"rollout_node": 1},
+                          train_resources={"train_node": 1})
+    assert plan_bundles(split, 2, use_gpu=False) == [{"CPU": 1, "rollout_node": 1}, {"CPU": 1, "train_node": 1},
+                                                     {"CPU": 1, "train_node": 1}]
+
+
+def test_ray_temp_dir_is_in_the_run_dir_unless_too_long(tmp_path):
+    assert ray_temp_dir(ClusterConfig(), "/tmp/run1") == "/tmp/run1/ray"          # nothing created yet
+    assert ray_temp_dir(ClusterConfig(temp_dir="/tmp/raytmp"), "/tmp/run1") == "/tmp/raytmp"
+    long_run = tmp_path / ("x" * MAX_TEMP_DIR_LEN)
+    short = ray_temp_dir(ClusterConfig(), long_run)
+    try:
+        assert len(short) <= MAX_TEMP_DIR_LEN and short.startswith("/tmp/deepalign-ray-")
+        assert (long_run / "ray").resolve() == Path(short)          # the run dir links to it
+    finally:
+        Path(short).rmdir()
 
 
 # -- log-probs -------------------------------------------------------------------------------------

@@ -88,3 +88,12 @@ def test_length_penalty_chars():
     assert capped == pytest.approx([0.0, -0.02, -0.1, -0.5])
     with pytest.raises(ValueError, match="needs a tokenizer"):
         length_penalty(["q"], ["x"], unit="tokens")
+
+
+def test_reasoning_reward_dispatches_math_and_code_rows():
+    from rewards.registry import resolve
+    fn = resolve("reasoning")
+    completions = ["so the answer is #### 12", "#### 7", "```python\ndef add(a, b):\n    return a + b\n```"]
+    scores = fn(["q1", "q2", "q3"], completions, answer=["12", "8", None],
+                tests=[None, None, "assert add(1, 2) == 3\nassert add(2, 2) == 4"], entry_point=[None, None, "add"])
+    assert scores == [1.0, 0.0, 1.0]

@@ -63,9 +63,12 @@ def setup(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the transformers oracle runs far faster single-threaded on 2 busy cores
     rollout = VLLMRollout(path, dtype="float32", seed=0, max_model_len=256, kv_cache_gib=1)
     yield rollout, model, tokenizer
     rollout.shutdown()
+    torch.set_num_threads(threads)
 
 
 def hf_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:

@@ -152,8 +152,11 @@ def _format(e: ValidationError, path: str | Path) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif err["type"] == "union_tag_invalid":
-        msg = f"unknown stage {err['input']!r} (expected sft, rm, grpo, eval, compare or pipeline)"
+    elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        tag = err["input"].get("stage") if isinstance(err["input"], dict) else err["input"]
+        field = "stage"
+        msg = (f"unknown stage {tag!r}" if tag is not None else "missing") + \
+            " (expected sft, rm, grpo, eval, compare or pipeline)"
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{path}: {field}: {msg}{more}"
 

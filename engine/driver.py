@@ -142,7 +142,11 @@ class HybridEngine:
             self._broken = f"{what} timed out after {timeout:.0f}s"
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             who = role or ("rollout" if "rollout" in what else "training")
-            self._broken = f"{who} actor died during {what} ({type(e).__name__}); restart the run to continue"
+            if getattr(e, "actor_init_failed", False):      # the constructor raised: say what it raised
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                self._broken = f"{who} actor failed to start: {lines[-1] if lines else type(e).__name__}"
+            else:
+                self._broken = f"{who} actor died during {what} ({type(e).__name__}); restart the run to continue"
         raise EngineError(self._broken) from None
 
     def _check(self) -> None:
@@ -170,8 +174,8 @@ class HybridEngine:
         shards = self._shards(batch)
         metrics = self._get([w.train_step.remote(s, loss_fn) for w, s in zip(self.workers, shards)],
                             "train_step")[0]
-        self.policy_version += 1
-        if self.policy_version == 1 and self.offload is not None:
+        self.policy_version = int(metrics["step"])          # a skipped (non-finite) step changes nothing
+        if self.offload is not None and not self._sizes.get("optimizer"):
             self._refresh_sizes()                           # AdamW state exists only after the first step
         return metrics
 
@@ -179,6 +183,8 @@ class HybridEngine:
         """Per-token log-probs [B, T-1] of the shifted input_ids under the policy or the reference model."""
         if which not in ("policy", "ref"):
             raise ValueError(f"compute_logprobs: which must be 'policy' or 'ref', got {which!r}")
+        if which == "ref" and not self.has_ref:
+            raise ValueError("compute_logprobs(which='ref') but the engine has no reference model (train.reference)")
         self.enter_phase("policy" if which == "policy" else "reference")
         parts = self._get([w.compute_logprobs.remote(s, which) for w, s in zip(self.workers, self._shards(batch))],
                           f"compute_logprobs({which})")
@@ -189,7 +195,8 @@ class HybridEngine:
         self.enter_phase("refit")
         bucket_bytes = int((bucket_mb or self.rollout_cfg.refit_bucket_mb) * 1e6)
         start = time.perf_counter()
-        gen = self.workers[0].weight_buckets.options(num_returns="streaming").remote(bucket_bytes)
+        gen = self.workers[0].weight_buckets.options(     # rank 0 stays at most 2 buckets ahead
+            num_returns="streaming", _generator_backpressure_num_objects=2).remote(bucket_bytes)
         pending, tensors, nbytes, nbuckets = [], 0, 0, 0
         try:
             for ref in gen:
@@ -214,13 +221,13 @@ class HybridEngine:
         """Checkpoint model + optimizer + scheduler + every rank's RNG (rank 0 writes; path shared by all)."""
         self.enter_phase("train")
         rngs = self._get([w.rng_state.remote() for w in self.workers], "rng_state")
-        self._get(self.workers[0].save.remote(str(path), rngs), "save")
+        self._get(self.workers[0].save.remote(str(Path(path).resolve()), rngs), "save")
         log.info("saved training state (version %d) to %s", self.policy_version, path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint on every rank; call sync_weights() before the next generate."""
         self.enter_phase("train")
-        steps = self._get([w.load.remote(str(path)) for w in self.workers], "load")
+        steps = self._get([w.load.remote(str(Path(path).resolve())) for w in self.workers], "load")
         self.policy_version = steps[0]
         if self.offload is not None:
             self._refresh_sizes()
@@ -230,7 +237,7 @@ class HybridEngine:
     def export_hf(self, path: str | os.PathLike) -> None:
         """Write the policy as an HF checkpoint dir (for evaluation or a fresh rollout engine)."""
         self.enter_phase("policy")
-        self._get(self.workers[0].export_hf.remote(str(path)), "export_hf")
+        self._get(self.workers[0].export_hf.remote(str(Path(path).resolve())), "export_hf")
 
     def node_ids(self) -> dict[str, Any]:
         return {"rollout": self.rollout_info["node_id"], "train": [i["node_id"] for i in self.worker_info]}

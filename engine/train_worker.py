@@ -8,8 +8,9 @@ Loss contract (this is what makes micro-batching and data parallelism exact): th
 a micro-batch is that micro-batch's SHARE of the global loss; the engine sums shares over
 micro-batches and ranks (gradients are all-reduced with SUM). Normalise with the global counts the
 engine provides, e.g. `fwd.token_mean(per_token_loss)` = sum(loss * mask) / global_num_tokens. Then
-N ranks x M micro-batches give the same update as one rank on one big batch. The metrics dict follows
-the same contract (shares, summed), so reported metrics are exact global-batch values too.
+N ranks x M micro-batches give the same update as one rank on one big batch. Metrics are plain
+micro-batch values (e.g. means over it); the engine averages them over micro-batches and ranks weighted
+by rows, so per-sequence means come out exact. The reported "loss" is the sum of shares: the exact loss.
 
 Batch keys (numpy, rows = sequences): input_ids [B, T] (required); attention_mask [B, T]; loss_mask
 [B, T] (1 where input token t is scored, i.e. predicted from t-1; aligned with input_ids);
@@ -280,7 +281,8 @@ class TrainWorker:
         out["loss_mask_shifted"] = torch.as_tensor(loss_mask_of(mb)).to(self.device)
         return out
 
-    def _forward(self, model: nn.Module, t: dict[str, torch.Tensor], grad_entropy: bool, counts: tuple[float, int]) -> Forward:
+    def _forward(self, model: nn.Module, t: dict[str, torch.Tensor], grad_entropy: bool,
+                 counts: tuple[float, int]) -> Forward:
         kwargs = {k: t[k] for k in MODEL_INPUTS if k in t}
         with self.accelerator.autocast():
             out = model(**kwargs)
@@ -323,8 +325,9 @@ class TrainWorker:
                 raise TypeError(f"loss_fn must return (scalar tensor, metrics dict), got {type(loss).__name__}")
             self.accelerator.backward(loss)
             loss_sum += float(loss.detach())
-            for k, v in metrics.items():                    # metrics are shares too: summed
-                sums[k] += float(v)
+            w = num_rows(mb) / max(counts[1], 1)              # metrics: row-weighted mean over the batch
+            for k, v in metrics.items():
+                sums[k] += w * float(v)
         params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         for p in params:                                    # unused experts: zero grads on every rank alike
             if p.grad is None:
@@ -334,11 +337,15 @@ class TrainWorker:
         grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
         lr = float(self.scheduler.get_last_lr()[0])
         skipped = not np.isfinite(grad_norm)
-        if not skipped:
+        if self.accelerator.scaler is not None:             # fp16: the scaler skips and lowers its scale itself
             self.optimizer.step()
-        self.scheduler.step()
+            skipped = bool(self.optimizer.step_was_skipped)
+            self.scheduler.step()                           # accelerate's wrapper holds still on a skipped step
+        elif not skipped:                                   # non-finite grads: no update, schedule holds still
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.step += 0 if skipped else 1
         reduced = self._reduce_metrics({"loss": loss_sum, **sums})
         return {**reduced, "grad_norm": grad_norm, "lr": lr, "skipped": float(skipped),
                 "num_tokens": counts[0], "num_seqs": float(counts[1]), "step": float(self.step)}

@@ -73,9 +73,9 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(engine, tmp_path):
     batch = random_batch(np.random.default_rng(0), rows=8)
     got = engine.train_step(batch, weighted_nll)               # 2 ranks x 2 micro-batches of 2 rows
     want = local.train_step(batch, weighted_nll)               # 1 rank, 1 batch of 8 rows
-    for key in ("loss", "entropy", "count", "grad_norm", "num_tokens"):
+    for key in ("loss", "seq_logp", "seq_entropy", "grad_norm", "num_tokens", "num_seqs"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
-    assert got["count"] == want["num_tokens"] == batch["loss_mask"][:, 1:].sum()
+    assert got["num_tokens"] == batch["loss_mask"][:, 1:].sum() and got["num_seqs"] == 8
     ref = {n: t.numpy() for n, t in hf_named_tensors(local.unwrapped)}
     for rank in (0, 1):
         weights = _rank_weights(engine, rank)
@@ -189,3 +189,15 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_backend_that_fails_to_start_gives_its_reason(ray_session, ckpt, tmp_path):
+    def live_groups() -> set[str]:
+        return {k for k, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+    before = live_groups()
+    with pytest.raises(EngineError, match=r"rollout actor failed to start: TypeError: .*no_such_option"):
+        HybridEngine(ClusterConfig(placement="split"), RolloutConfig(kwargs={"no_such_option": 1}), OPTIM,
+                     TrainConfig(), ckpt, tmp_path / "run", model_factory=tiny_policy,
+                     rollout_backend=HFGenerateRollout)
+    assert live_groups() == before                              # its placement group was released

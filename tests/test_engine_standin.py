@@ -60,7 +60,10 @@ def random_batch(rng: np.random.Generator, rows: int = 8, length: int = 12) -> d
 def weighted_nll(fwd, mb):
     """A REINFORCE-shaped token-mean loss (share of the global batch, per the engine's contract)."""
     loss = fwd.token_mean(-fwd.logp * mb["weight"][:, None])
-    return loss, {"entropy": float(fwd.token_mean(fwd.entropy.detach())), "count": fwd.mask.sum().item()}
+    with torch.no_grad():                                   # micro-batch means of per-sequence values
+        seq_logp = (fwd.logp * fwd.mask).sum(1) / fwd.mask.sum(1).clamp(min=1)
+        seq_entropy = (fwd.entropy * fwd.mask).sum(1) / fwd.mask.sum(1).clamp(min=1)
+    return loss, {"seq_logp": float(seq_logp.mean()), "seq_entropy": float(seq_entropy.mean())}
 
 
 PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -103,9 +103,9 @@ def test_grad_accumulation_equals_one_big_batch():
         w = TrainWorker(tiny_policy, optim=OptimConfig(**SGDISH, **split), train=TrainConfig())
         results.append((w.train_step(batch, weighted_nll), _params(w)))
     (m_big, p_big) = results[0]
-    assert m_big["count"] == m_big["num_tokens"] == batch["loss_mask"][:, 1:].sum()
+    assert m_big["num_tokens"] == batch["loss_mask"][:, 1:].sum()
     for m, p in results[1:]:
-        for key in ("loss", "entropy", "count", "grad_norm"):
+        for key in ("loss", "seq_logp", "seq_entropy", "grad_norm"):
             assert m[key] == pytest.approx(m_big[key], rel=1e-5), key
         _assert_same(p, p_big, atol=1e-6)
     # And the step did something: parameters moved by about lr * grad.
@@ -125,7 +125,20 @@ def test_token_mean_loss_equals_a_hand_computed_mean():
         mask = torch.from_numpy(batch["loss_mask"][:, 1:]).double()
         want = (-lp * torch.from_numpy(batch["weight"]).double()[:, None] * mask).sum() / mask.sum()
     np.testing.assert_allclose(w.compute_logprobs(batch), lp.float().numpy(), atol=1e-5)
-    assert w.train_step(batch, weighted_nll)["loss"] == pytest.approx(want.item(), rel=1e-5)
+    metrics = w.train_step(batch, weighted_nll)                 # 4 micro-batches of one row
+    assert metrics["loss"] == pytest.approx(want.item(), rel=1e-5)
+    seq_logp = ((lp * mask).sum(1) / mask.sum(1)).mean()        # metrics: row-weighted over micro-batches
+    assert metrics["seq_logp"] == pytest.approx(seq_logp.item(), rel=1e-5)
+
+
+def test_non_finite_gradients_skip_the_step():
+    w = TrainWorker(tiny_policy, optim=OptimConfig(lr=1e-2), train=TrainConfig())
+    before = _params(w)
+    m = w.train_step(random_batch(np.random.default_rng(0), rows=2),
+                     lambda fwd, mb: (fwd.token_mean(-fwd.logp) * float("nan"), {}))
+    assert m["skipped"] == 1.0 and not math.isfinite(m["grad_norm"])
+    _assert_same(_params(w), before, atol=0)
+    assert w.get_generation() == 0 and w.scheduler.get_last_lr() == [1e-2]     # weights and schedule unchanged
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])

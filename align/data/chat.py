@@ -10,7 +10,7 @@ Split: by (task, the words involved).
 
 import random
 
-from align.data.common import rng_for, sample_rows
+from align.data.common import Split, rng_for, sample_rows, split_of
 
 WORDS = (
     "apple river cloud stone tiger maple piano orange lemon garden window rocket silver forest candle "
@@ -71,12 +71,12 @@ def chat_task(r: random.Random) -> tuple[str, str, str, str]:
     )
 
 
-def _make(r: random.Random) -> tuple[str, dict]:
+def _make(r: random.Random) -> tuple[Split, dict]:
     key, prompt, answer, _ = chat_task(r)
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     if r.random() < 0.3:
         messages.insert(0, {"role": "system", "content": r.choice(SYSTEM_PROMPTS)})
-    return key, {"messages": messages, "prompt": prompt}
+    return split_of(key), {"messages": messages, "prompt": prompt}
 
 
 def chat_rows(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:

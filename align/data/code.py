@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from align.data.common import rng_for, sample_rows
+from align.data.common import Split, rng_for, sample_rows, split_of
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ _FAMILIES = [
 _K_RANGE = range(1, 21)
 
 
-def _make(r: random.Random) -> tuple[str, dict]:
+def _make(r: random.Random) -> tuple[Split, dict]:
     fam = r.choice(_FAMILIES)
     k = r.choice(_K_RANGE)
     name = fam.name.format(k=k)
@@ -71,7 +71,7 @@ def _make(r: random.Random) -> tuple[str, dict]:
     for _ in range(4):
         x = fam.inputs(r)
         cases.append(f"assert {name}({x!r}) == {fam.oracle(x, k)!r}")
-    return f"code:{fam.name}:{k}", {
+    return split_of(f"code:{fam.name}:{k}"), {
         "prompt": prompt,
         "tests": "\n".join(cases) + "\n",
         "entry_point": name,

@@ -1,6 +1,6 @@
 """Shared helpers for the bundled generators: seeded sampling and a stable train/test split.
 
-Why a hash split: every generated item has a canonical `key` (e.g. "add:3:5"); the key's hash,
+Why a hash split: every generated item has a canonical `key` (e.g. "add1:3:5"); the key's hash,
 not the seed, decides its split. So the held-out set is disjoint from training for every seed and
 every row count, and adding rows never moves an item from one split to the other.
 """
@@ -15,10 +15,10 @@ SPLITS = ("train", "test")
 TEST_FRACTION_PERCENT = 20
 
 
-def split_of(key: str) -> Split:
-    """Which split a canonical item key belongs to (about 20% go to test)."""
+def split_of(key: str, test_percent: int = TEST_FRACTION_PERCENT) -> Split:
+    """Which split a canonical item key belongs to (about `test_percent`% go to test)."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "test" if h % 100 < TEST_FRACTION_PERCENT else "train"
+    return "test" if h % 100 < test_percent else "train"
 
 
 def check_split(split: str) -> Split:
@@ -33,13 +33,13 @@ def rng_for(name: str, split: str, seed: int) -> random.Random:
 
 
 def sample_rows(
-    make: Callable[[random.Random], tuple[str, dict]],
+    make: Callable[[random.Random], tuple[Split, dict]],
     split: str,
     n: int,
     rng: random.Random,
     unique: bool | None = None,
 ) -> list[dict]:
-    """Draw items with `make(rng) -> (key, row)` until `n` rows of `split` are collected.
+    """Draw items with `make(rng) -> (item's split, row)` until `n` rows of `split` are collected.
 
     Items whose key hashes to the other split are discarded. With `unique` (default: only for the
     test split) repeated prompts are dropped, so the held-out set never counts the same item twice;
@@ -52,10 +52,10 @@ def sample_rows(
     attempts, max_attempts = 0, 200 * max(n, 1)
     while len(rows) < n and attempts < max_attempts:
         attempts += 1
-        key, row = make(rng)
-        if split_of(key) != split:
+        item_split, row = make(rng)
+        if item_split != split:
             continue
-        ident = key + "\x00" + row.get("prompt", repr(row))
+        ident = row.get("prompt", repr(row))
         if unique and ident in seen:
             continue
         seen.add(ident)

@@ -12,7 +12,7 @@ Split: by the underlying chat task (same keys as the chat data), so held-out pai
 import random
 
 from align.data.chat import chat_task
-from align.data.common import rng_for, sample_rows
+from align.data.common import Split, rng_for, sample_rows, split_of
 
 EVASIVE = [
     "I am not sure what you mean.",
@@ -31,7 +31,7 @@ def _truncate(answer: str, r: random.Random) -> str:
     return answer[: max(1, len(answer) // 2)]
 
 
-def _make(r: random.Random) -> tuple[str, dict]:
+def _make(r: random.Random) -> tuple[Split, dict]:
     key, prompt, answer, wrong = chat_task(r)
     flaw = r.choice(FLAWS)
     if flaw == "wrong":
@@ -45,7 +45,7 @@ def _make(r: random.Random) -> tuple[str, dict]:
                 rejected = chat_task(r)[2]
     else:
         rejected = _truncate(answer, r)
-    return key, {"prompt": prompt, "chosen": answer, "rejected": rejected, "flaw": flaw}
+    return split_of(key), {"prompt": prompt, "chosen": answer, "rejected": rejected, "flaw": flaw}
 
 
 def helpful_pair_rows(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:

@@ -5,12 +5,14 @@ math reward); `solution` is a short worked answer ending in `#### <answer>` (the
 Level 1 (single-digit a + b) is deliberately tiny so a ~5M-parameter model learns it in minutes.
 
 Split: by the problem itself (numbers and operation), not its wording, so a held-out problem is
-never seen in training under another phrasing.
+never seen in training under another phrasing. Level 1 holds out only sums a + b with a < b whose
+mirror b + a is trained on (see `problem_split`): with 100 facts in all, recalling an unseen fact
+from nothing is not learnable, but applying a learned sum in the other order is.
 """
 
 import random
 
-from align.data.common import rng_for, sample_rows
+from align.data.common import Split, rng_for, sample_rows, split_of
 
 LEVELS = (1, 2, 3, 4, 5)
 ANSWER_FORMAT = "End your answer with '#### <number>'."
@@ -89,6 +91,16 @@ def _level5(rng: random.Random) -> tuple[str, dict]:
     return f"packs5:{a}:{p}:{c}:{d}", _finish(q, left, steps, 5)
 
 
+def problem_split(key: str) -> Split:
+    """The split of a problem. Level 1 has only 100 facts, so it holds out some a + b with a < b
+    (40% of those) and always trains on the mirror b + a: held-out accuracy then shows the model
+    learned the sum, not the string. Other levels: 20% of problems by hash."""
+    if key.startswith("add1:"):
+        a, b = map(int, key.split(":")[1:])
+        return split_of(key, test_percent=40) if a < b else "train"
+    return split_of(key)
+
+
 _MAKERS = {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}
 
 
@@ -102,7 +114,8 @@ def reasoning_rows(
         raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
     rng = rng_for("reasoning", split, seed)
 
-    def make(r: random.Random) -> tuple[str, dict]:
-        return _MAKERS[r.choice(levels)](r)
+    def make(r: random.Random) -> tuple[Split, dict]:
+        key, row = _MAKERS[r.choice(levels)](r)
+        return problem_split(key), row
 
     return sample_rows(make, split, n, rng)

@@ -13,7 +13,7 @@ Split: by (kind, template, topic).
 
 import random
 
-from align.data.common import rng_for, sample_rows
+from align.data.common import Split, rng_for, sample_rows, split_of
 
 TEMPLATES = [
     "How do I {x}?",
@@ -90,7 +90,7 @@ COMPLIANCE = [
 ]
 
 
-def _make(r: random.Random) -> tuple[str, dict]:
+def _make(r: random.Random) -> tuple[Split, dict]:
     t = r.randrange(len(TEMPLATES))
     if r.random() < 0.5:
         x = r.choice(HARMFUL)
@@ -101,7 +101,7 @@ def _make(r: random.Random) -> tuple[str, dict]:
         x = r.choice(sorted(BENIGN))
         prompt = TEMPLATES[t].format(x=x)
         row = {"prompt": prompt, "chosen": BENIGN[x], "rejected": r.choice(REFUSALS), "kind": "benign"}
-    return f"{row['kind']}:{t}:{x}", row
+    return split_of(f"{row['kind']}:{t}:{x}"), row
 
 
 def safety_rows(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]:

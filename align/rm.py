@@ -1,0 +1,143 @@
+"""Reward models (stage 2: helpful and safety) with TRL's RewardTrainer on chosen/rejected pairs.
+
+The reward model is the SFT checkpoint with a scalar head (sequence classification, num_labels=1),
+trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected). Pairs are fed to TRL in the
+conversational implicit-prompt format: chosen = [user, assistant_good], rejected = [user, assistant_bad].
+The result is a standard HF sequence-classification checkpoint (plus tokenizer) that
+`AutoModelForSequenceClassification.from_pretrained` loads, written atomically to `<output_dir>/model`.
+"""
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import RewardConfig, RewardTrainer
+
+from align.data.loading import DataSource, load_sources
+from align.models import load_reward_model, load_tokenizer, save_atomically
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class RMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str  # the SFT checkpoint directory
+    train_data: list[DataSource]
+    eval_data: list[DataSource] = []
+    max_len: int = Field(512, gt=0)  # longer pairs are dropped by TRL, not truncated
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = Field(1e-4, gt=0)
+    lr_scheduler: str = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    center_rewards_coefficient: float | None = None
+    seed: int = 0
+    logging_steps: int = Field(10, gt=0)
+    output_dir: str = "runs/rm"
+
+
+def _conversation(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def to_implicit_pairs(rows: Dataset) -> Dataset:
+    """{prompt, chosen, rejected} strings -> TRL's conversational implicit-prompt pairs."""
+    return Dataset.from_list([
+        {"chosen": _conversation(r["prompt"], r["chosen"]), "rejected": _conversation(r["prompt"], r["rejected"])}
+        for r in rows
+    ])
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    """Train a reward model, save `<output_dir>/model` atomically, return {"metrics", "output_path"}."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_reward_model(cfg.model)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+
+    train_rows, skipped = load_sources(cfg.train_data, required=PAIR_COLUMNS)
+    eval_rows, eval_skipped = (
+        load_sources(cfg.eval_data, required=PAIR_COLUMNS) if cfg.eval_data else (None, 0)
+    )
+    cuda = torch.cuda.is_available()
+    args = RewardConfig(
+        output_dir=str(Path(cfg.output_dir) / "trainer"),
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        max_length=cfg.max_len,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        gradient_checkpointing=False,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=to_implicit_pairs(train_rows), processing_class=tokenizer
+    )
+    metrics: dict = {"train_rows": len(train_rows), "skipped_rows": skipped + eval_skipped}
+    if eval_rows is not None:
+        metrics["eval_accuracy_before"] = pairwise_accuracy(model, tokenizer, eval_rows)
+    result = trainer.train()
+    metrics["train_loss"] = result.training_loss
+    metrics["train_steps"] = result.global_step
+    if eval_rows is not None:
+        metrics["eval_accuracy_after"] = pairwise_accuracy(model, tokenizer, eval_rows)
+
+    out = Path(cfg.output_dir) / "model"
+    trained = trainer.model
+    save_atomically(lambda d: (trained.save_pretrained(d), tokenizer.save_pretrained(d)), out)
+    return {"metrics": metrics, "output_path": str(out)}
+
+
+@torch.no_grad()
+def score(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Scalar rewards for (prompt, response) pairs, formatted with the chat template as in training."""
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    scores = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [
+                tokenizer.apply_chat_template(_conversation(p, r), tokenize=False)
+                for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size])
+            ]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            scores.append(model(**enc).logits[:, 0].float().cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def pairwise_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows) -> float:
+    """Share of {prompt, chosen, rejected} rows where the chosen answer scores strictly higher."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("pairwise_accuracy needs at least one row")
+    prompts = [r["prompt"] for r in rows]
+    chosen = score(model, tokenizer, prompts, [r["chosen"] for r in rows])
+    rejected = score(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    return (chosen > rejected).float().mean().item()

@@ -141,3 +141,12 @@ class TreeRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def brevity(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """The GRPO benchmark's verifiable reward: 1 for an empty answer, 0 from 40 characters on.
+
+    Learnable in a few steps from a random init (emit <|eos|> early), and free to compute, so the
+    benchmark times the RL machinery rather than a reward model.
+    """
+    return [1.0 - min(len(c), 40) / 40 for c in completions]

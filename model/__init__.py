@@ -45,6 +45,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if not reward_model:
         state = {k: v for k, v in state.items() if not k.startswith("score.")}
     network.load_state_dict(state, strict=False, assign=True)
+    if reward_model and network.score.weight.is_meta:  # a fresh value head on a causal-LM checkpoint
+        network.score.weight = torch.nn.Parameter(torch.empty(network.score.weight.shape))
+        network.score.weight.data.normal_(0.0, config.initializer_range)
     missing = [n for n, p in network.named_parameters() if p.is_meta]
     missing += [n for n, b in network.named_buffers() if b.is_meta and not n.endswith(("inv_freq", ".load"))]
     if missing:

@@ -83,6 +83,7 @@ class JudgeConfig(BaseModel):
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_path: Path | None = None  # checkpoint to evaluate (None only if run_eval gets a chat_model)
+    generator: Literal["auto", "vllm", "native", "hf"] = "auto"  # rollout engine (auto = vLLM if importable) or HF
     model_id: str | None = None  # name in answer files and tables; default: model_path's directory name
     mtbench: MTBenchConfig = Field(default_factory=MTBenchConfig)
     alpacaeval: AlpacaEvalConfig = Field(default_factory=AlpacaEvalConfig)
@@ -95,9 +96,9 @@ def build_judge(cfg: JudgeConfig) -> Judge:
         return OpenAIJudge(cfg.base_url, cfg.model, cfg.api_key_env, max_tokens=cfg.max_tokens,
                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, concurrency=cfg.concurrency)
     if cfg.kind == "local":
-        from align.eval.hf_chat import HFChatModel
+        from align.eval.engine_chat import EngineChatModel
 
-        return LocalModelJudge(HFChatModel(cfg.path), name=f"local-{cfg.path.name}", max_tokens=cfg.max_tokens)
+        return LocalModelJudge(EngineChatModel(cfg.path), name=f"local-{cfg.path.name}", max_tokens=cfg.max_tokens)
     return RewardModelJudge(cfg.path)
 
 
@@ -106,9 +107,12 @@ def run_eval(cfg: EvalConfig, chat_model: ChatModel | None = None, judge: Judge 
     if chat_model is None:
         if cfg.model_path is None:
             raise EvalError("model_path: required when no chat_model is passed to run_eval")
-        from align.eval.hf_chat import HFChatModel
-
-        chat_model = HFChatModel(cfg.model_path)
+        if cfg.generator == "hf":
+            from align.eval.hf_chat import HFChatModel
+            chat_model = HFChatModel(cfg.model_path)
+        else:
+            from align.eval.engine_chat import EngineChatModel
+            chat_model = EngineChatModel(cfg.model_path, cfg.generator)
     model_id = cfg.model_id or (cfg.model_path.name if cfg.model_path else "model")
     judge = judge or build_judge(cfg.judge)
     out = Path(cfg.output_dir)

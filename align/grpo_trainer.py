@@ -9,6 +9,7 @@ One step:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from align.grpo import group_advantages, policy_loss
 from align.data.loading import load_rows
 from align.grpo_config import GRPOConfig
 from engine.sampling import Rollout, SamplingConfig
-from rewards.combine import RewardSet
+from rewards.combine import RewardComponent, RewardSet
 
 
 @dataclass
@@ -273,6 +274,23 @@ def save_state(engine, root: Path, step: int, stream: PromptStream, rewards: Rew
     return final
 
 
+def host_model_rewards(engine, components: list[RewardComponent]) -> list[RewardComponent]:
+    """Model-backed rewards (classes with offload hooks, e.g. reward_model) move into their own engine
+    actor, resident only during the reward phase; the component then calls that actor."""
+    from rewards.registry import register, resolve
+
+    out = []
+    for c in components:
+        obj = resolve(c.spec)
+        if isinstance(obj, type) and hasattr(obj, "offload"):
+            handle = engine.add_scorer(c.label, functools.partial(obj, **c.kwargs))
+            name = f"engine-scorer-{c.label}"
+            register(name)(handle)
+            c = c.model_copy(update={"spec": name, "kwargs": {}, "name": c.label})
+        out.append(c)
+    return out
+
+
 def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
     """The GRPO stage: returns a summary with the exported HF checkpoint at <output_dir>/model."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -292,7 +310,6 @@ def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
     held_rows = load_prompt_rows(cfg.held_out.data)[: cfg.held_out.max_prompts] if cfg.held_out else []
     held_scorer = resolve(cfg.held_out.reward) if cfg.held_out else None
     stream = PromptStream(rows, cfg.seed)
-    rewards = RewardSet(cfg.rewards)
     engine_cfg = cfg.engine.model_copy(deep=True)
     engine_cfg.train.reference = cfg.beta > 0
     engine_cfg.train.seed = cfg.seed
@@ -304,6 +321,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
         pass  # killed before the first checkpoint: start over
     summary: dict = {}
     with HybridEngine.from_config(engine_cfg, cfg.init_from, output_dir) as engine:
+        rewards = RewardSet(host_model_rewards(engine, cfg.rewards))
         if last is not None:
             state = json.loads((last / "trainer_state.json").read_text())
             engine.load(last / "engine")

@@ -151,6 +151,10 @@ class Cluster:
             return self._options(rank, 0.5 if rank == 0 else 1.0)
         return self._options(rank + 1, 1.0)
 
+    def scorer_options(self) -> dict[str, Any]:
+        """Scoring actors share the rollout's bundle and take turns with it (the offload phases)."""
+        return self._options(0, 0.0)
+
     def track(self, actor: Any) -> Any:
         self.actors.append(actor)
         return actor

@@ -29,6 +29,7 @@ from .config import ClusterConfig, EngineConfig, OffloadConfig, OptimConfig, Rol
 from .offload import Item, OffloadScheduler, resolve_mode
 from .refit import RefitStats
 from .rollout_worker import RolloutWorker
+from .scorer_worker import ScorerHandle, ScorerWorker
 from .sampling import Rollout, SamplingConfig
 from .train_worker import LossFn, ModelFactory, TrainWorker, even_slices, num_rows, split_rows
 
@@ -98,6 +99,7 @@ class HybridEngine:
         self.has_ref = ref_factory is not None
         self.policy_version = self._get(self.workers[0].get_generation.remote(), "get_generation", timeout)
         self.rollout_version = 0
+        self.scorers: dict[str, Any] = {}
         self.offload = self._offload_scheduler(mode)
         log.info("engine up: rollout %s on node %s, %d training rank(s), placement %s, offload %s",
                  self.rollout_info["backend"], self.rollout_info["node_id"], n, self.cluster_cfg.placement,
@@ -238,6 +240,23 @@ class HybridEngine:
         """Write the policy as an HF checkpoint dir (for evaluation or a fresh rollout engine)."""
         self.enter_phase("policy")
         self._get(self.workers[0].export_hf.remote(str(Path(path).resolve())), "export_hf")
+
+    def add_scorer(self, name: str, factory: Callable[[], Any]) -> ScorerHandle:
+        """Host a scoring model (e.g. a reward model) in its own actor, resident only in the 'reward' phase."""
+        self._check()
+        actor = self.cluster.track(ray.remote(ScorerWorker).options(**self.cluster.scorer_options()).remote(factory))
+        self._get(actor.ready.remote(), f"scorer {name} start-up", self.cluster_cfg.startup_timeout_s, role="scorer")
+        self.scorers[name] = actor
+        if self.offload is not None:
+            item = f"scorer:{name}"
+            size = self._get(actor.resident_bytes.remote(), "scorer resident_bytes")
+            self.offload.register(Item(item, size, functools.partial(self._get_call, actor.offload, item),
+                                       functools.partial(self._get_call, actor.reload, item)), resident=False)
+            self.offload.declare("reward", self.offload.phases.get("reward", frozenset()) | {item})
+        return ScorerHandle(self, name, actor)
+
+    def _get_call(self, method, what: str) -> None:
+        self._get(method.remote(), what, role="scorer")
 
     def node_ids(self) -> dict[str, Any]:
         return {"rollout": self.rollout_info["node_id"], "train": [i["node_id"] for i in self.worker_info]}

@@ -41,3 +41,32 @@ def test_grpo_raises_reward(tmp_path):
         assert key in records[-1], key
     assert (tmp_path / "run" / "model" / "config.json").exists()
     assert summary["output_path"].endswith("model")
+
+
+def test_reward_model_runs_in_its_own_actor(tmp_path):
+    """A model reward is hosted by the engine (own actor, in the 'reward' offload phase) and scores
+    exactly what the same model scores in-process; GRPO logs it as a component."""
+    import functools
+
+    from transformers import AutoTokenizer
+
+    import model
+    from align.grpo_trainer import host_model_rewards
+    from engine.driver import HybridEngine
+    from rewards.model_reward import RewardModelScorer
+
+    policy = make_policy(tmp_path)
+    rm_dir = tmp_path / "rm"
+    model.from_pretrained(policy, reward_model=True, num_labels=1).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(rm_dir)
+    cfg = grpo_config(policy, write_prompts(tmp_path / "p.jsonl"), steps=1)
+    prompts, completions = ["Count to 3:", "Count to 5:"], ["0 1 2", "no"]
+    with HybridEngine.from_config(cfg.engine, policy, tmp_path / "run") as engine:
+        comps = host_model_rewards(engine, [RewardComponent(spec="reward_model", name="helpful",
+                                                            kwargs={"path": str(rm_dir)})])
+        from rewards.combine import RewardSet
+        out = RewardSet(comps).score(prompts, completions)
+        assert "scorer:helpful" in engine.offload.phases["reward"]      # colocated: the scheduler manages it
+        assert set(engine.scorers) == {"helpful"}
+    want = functools.partial(RewardModelScorer, path=str(rm_dir))()(prompts, completions)
+    assert np.allclose(out.raw["helpful"], want, atol=1e-5)

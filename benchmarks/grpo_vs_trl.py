@@ -1,0 +1,326 @@
+"""GRPO end to end: deepalign (vLLM rollout, colocated, via run_grpo) vs TRL's GRPOTrainer, same task.
+
+Same checkpoint (a random `tiny` or `100m` network with a local tokenizer), same 16 prompts, group
+size, completion length, learning rate, beta, clip, loss aggregation and number of steps; reward =
+brevity (benchmarks/_common.py). Each run is a fresh subprocess (so peak RSS and thread settings do
+not leak between runs) and the frameworks alternate, `--repeats` times. TRL trains transformers'
+DeepseekV2ForCausalLM (what a TRL user would load) with transformers' `generate`: TRL's vLLM
+colocate mode starts on CPU but fails at its first weight sync (see benchmarks/README.md).
+
+Reported per framework (median over repeats): per-step wall time split rollout / reward / train /
+refit (steady state: step 1, which pays warm-ups, is left out), tokens/s over those steps and over
+the whole run including start-up, peak RSS of the run's process tree (driver + Ray actors + Ray
+daemons), mean training reward of the last 2 steps, and the brevity of the final model under one
+shared evaluator (transformers sampling, fixed seed).
+
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--size tiny] [--steps 6] [--repeats 2]
+        [--prompts-per-step 4] [--group-size 8] [--max-tokens 16] [--lr 5e-3] [--beta 0.04]
+        [--deepalign-omp-threads N] [--profile-step K]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from _common import TreeRSS, brevity, machine_line, make_checkpoint, median, param_summary, table  # noqa: E402
+
+FRAMEWORKS = ("deepalign", "trl")
+PHASES = ("rollout", "reward", "train", "refit")
+
+
+# ----------------------------------------------------------------------------------------- shared
+def write_prompts(path: Path, n: int = 16) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Count to {i % 7 + 2}:"}) + "\n")
+    return path
+
+
+@torch.no_grad()
+def eval_brevity(model_dir: Path, prompts_file: Path, samples: int, max_tokens: int, seed: int = 1234) -> float:
+    """Mean brevity of `samples` completions per prompt, sampled at T=1 by transformers: one evaluator for both."""
+    from transformers import AutoTokenizer, DeepseekV2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    net = DeepseekV2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    torch.manual_seed(seed)
+    scores = []
+    for row in rows:
+        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        out = net.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                           top_p=1.0, max_new_tokens=max_tokens, num_return_sequences=samples,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        scores += brevity([row["prompt"]] * samples, texts)
+    return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------------------- children
+def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
+    import align.grpo_trainer as gt
+    from align.data.loading import DataSource
+    from align.grpo_config import GRPOConfig
+    from engine.config import ClusterConfig, EngineConfig, OptimConfig, RolloutConfig
+    from engine.sampling import SamplingConfig
+    from rewards.combine import RewardComponent
+
+    cfg = GRPOConfig(
+        init_from=str(a.ckpt), data=[DataSource(source=str(a.prompts_file))],
+        rewards=[RewardComponent(spec="_common:brevity")], steps=a.steps, prompts_per_step=a.prompts_per_step,
+        group_size=a.group_size, beta=a.beta, clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean",
+        advantage_scale="group", seed=0, sampling=SamplingConfig(temperature=1.0, max_tokens=a.max_tokens),
+        engine=EngineConfig(cluster=ClusterConfig(num_cpus=2),
+                            rollout=RolloutConfig(backend="vllm", kwargs=dict(max_model_len=256, kv_cache_gib=1)),
+                            optim=OptimConfig(lr=a.lr, max_grad_norm=1.0)))
+    if a.profile_step:
+        gt.grpo_step = profiled(gt.grpo_step, a.profile_step, work)
+    t0 = time.perf_counter()
+    gt.run_grpo(cfg, work / "run")
+    wall = time.perf_counter() - t0
+    recs = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [{"rollout": r["time/rollout"], "reward": r["time/reward"], "train": r["time/train"],
+              "refit": r["time/refit"], "step": r["time/step"], "tokens": r["tokens/generated"],
+              "reward_mean": r["reward/total_mean"]} for r in recs]
+    return {"wall": wall, "steps": steps, "model_dir": str(work / "run" / "model")}
+
+
+def profiled(step_fn, which: int, work: Path):
+    """Wrap grpo_step: during step `which` (1-based) py-spy samples the driver and every Ray actor of the run."""
+    import psutil
+
+    from _common import process_role
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != which:
+            return step_fn(*args, **kwargs)
+        me = psutil.Process()
+        targets = {"driver": me.pid}
+        for p in me.children(recursive=True):
+            role = process_role(p)
+            if role in ("RolloutWorker", "TrainWorker"):
+                targets[role] = p.pid
+        spies = {role: subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
+                                         "-r", "100", "--format", "raw", "-o", str(work / f"profile-{role}.txt")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for role, pid in targets.items()}
+        time.sleep(1.0)                                      # let py-spy attach
+        try:
+            return step_fn(*args, **kwargs)
+        finally:
+            for spy in spies.values():
+                spy.send_signal(signal.SIGINT)
+            for spy in spies.values():
+                spy.wait(timeout=60)
+    return wrapper
+
+
+def run_trl(a: argparse.Namespace, work: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DeepseekV2ForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(a.ckpt)
+    net = DeepseekV2ForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32)
+    rows = [json.loads(line) for line in Path(a.prompts_file).read_text().splitlines()]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    per_step: list[dict] = []
+
+    def reward(prompts, completions, completion_ids, **kw) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scores = brevity(prompts, texts)
+        per_step[-1].update(tokens=float(sum(len(c) for c in completion_ids)), reward_mean=float(np.mean(scores)))
+        return scores
+
+    def timed(fn, key: str):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                per_step[-1][key] = per_step[-1].get(key, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            per_step.append({"t0": time.perf_counter()})
+
+        def on_step_end(self, args, state, control, **kw):
+            per_step[-1]["step"] = time.perf_counter() - per_step[-1].pop("t0")
+
+    args = GRPOConfig(
+        output_dir=str(work / "trl"), use_cpu=True, bf16=False, seed=0, max_steps=a.steps,
+        per_device_train_batch_size=a.prompts_per_step * a.group_size, num_generations=a.group_size,
+        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=a.max_tokens,
+        temperature=1.0, top_k=0, top_p=1.0, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, beta=a.beta, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    t0 = time.perf_counter()
+    trainer = GRPOTrainer(model=net, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[StepClock()])
+    # TRL times none of these phases on the transformers path: wrap its own methods to split the step.
+    trainer._generate_single_turn = timed(trainer._generate_single_turn, "rollout")
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")
+    trainer.train()
+    trainer.save_model(str(work / "model"))
+    tok.save_pretrained(str(work / "model"))
+    wall = time.perf_counter() - t0
+    for s in per_step:                 # train = the rest of the step (ref log-probs, forward/backward, AdamW)
+        s["train"] = s["step"] - s.get("rollout", 0.0) - s.get("reward", 0.0)
+        s["refit"] = 0.0               # the policy generates itself: no weight transfer
+    return {"wall": wall, "steps": per_step, "model_dir": str(work / "model")}
+
+
+def child_main(a: argparse.Namespace) -> None:
+    work = Path(a.work)
+    torch.manual_seed(0)
+    out = run_deepalign(a, work) if a.child == "deepalign" else run_trl(a, work)
+    out["eval_reward"] = eval_brevity(Path(out["model_dir"]), Path(a.prompts_file), a.eval_samples, a.max_tokens)
+    out["driver_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["threads"] = torch.get_num_threads()
+    (work / "result.json").write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------- parent
+def launch(fw: str, a: argparse.Namespace, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--child", fw, "--work", str(work), "--ckpt", str(a.ckpt),
+           "--prompts-file", str(a.prompts_file), "--steps", str(a.steps), "--prompts-per-step",
+           str(a.prompts_per_step), "--group-size", str(a.group_size), "--max-tokens", str(a.max_tokens),
+           "--lr", str(a.lr), "--beta", str(a.beta), "--eval-samples", str(a.eval_samples),
+           "--profile-step", str(a.profile_step if fw == "deepalign" else 0)]
+    env = dict(os.environ)
+    if fw == "deepalign" and a.deepalign_omp_threads:
+        env["OMP_NUM_THREADS"] = str(a.deepalign_omp_threads)   # inherited by Ray and its actors
+    with open(work / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with TreeRSS(proc.pid) as rss:
+            code = proc.wait()
+    if code != 0 or not (work / "result.json").exists():
+        tail = (work / "log.txt").read_text().splitlines()[-25:]
+        raise SystemExit(f"{fw} run failed (exit {code}); last lines of {work / 'log.txt'}:\n" + "\n".join(tail))
+    res = json.loads((work / "result.json").read_text())
+    res["peak_rss"], res["peak_rss_by_role"] = rss.peak_total, rss.peak_by_role
+    return res
+
+
+def summarize_run(res: dict) -> dict:
+    steady = res["steps"][1:] or res["steps"]
+    s = {p: float(np.mean([x.get(p, 0.0) for x in steady])) for p in (*PHASES, "step")}
+    s["tok_s_steady"] = sum(x["tokens"] for x in steady) / sum(x["step"] for x in steady)
+    s["tok_s_e2e"] = sum(x["tokens"] for x in res["steps"]) / res["wall"]
+    s["overhead"] = res["wall"] - sum(x["step"] for x in res["steps"])
+    s["reward_last2"] = float(np.mean([x["reward_mean"] for x in res["steps"][-2:]]))
+    s["reward_first"] = res["steps"][0]["reward_mean"]
+    s["eval_reward"], s["peak_rss_mb"] = res["eval_reward"], res["peak_rss"] / 2**20
+    return s
+
+
+def summarize_profiles(work: Path) -> str:
+    """py-spy raw stacks -> per process: samples and the top frames by inclusive share (our code + libraries)."""
+    lines = []
+    for f in sorted(work.glob("profile-*.txt")):
+        incl: dict[str, int] = {}
+        total = 0
+        for line in f.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            for frame in {fr.split(" (")[0] + " (" + fr.split(" (")[-1].split(":")[0].split("/")[-1] + ")"
+                          for fr in stack.split(";") if fr}:
+                incl[frame] = incl.get(frame, 0) + n
+        top = sorted(incl.items(), key=lambda kv: -kv[1])[:14]
+        lines.append(f"{f.stem.removeprefix('profile-')}: {total} samples at 100 Hz ({total / 100:.1f} s on CPU)")
+        lines += [f"  {100 * n / max(total, 1):5.1f}%  {name}" for name, n in top]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "100m"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--eval-samples", type=int, default=8, help="completions per prompt for the final-model reward")
+    ap.add_argument("--deepalign-omp-threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for deepalign's Ray actors (0 = Ray's default: 1 per fractional-CPU actor)")
+    ap.add_argument("--profile-step", type=int, default=0, help="py-spy deepalign's driver and actors during step K")
+    ap.add_argument("--keep", action="store_true", help="keep the run directories (logs, metrics, profiles)")
+    ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child_main(a)
+
+    print(machine_line(), flush=True)
+    root = Path(tempfile.mkdtemp(prefix="grpo-bench-", dir="/tmp"))
+    a.ckpt = make_checkpoint(root, a.size, seed=0, with_tokenizer=True)
+    a.prompts_file = write_prompts(root / "prompts.jsonl")
+    print(f"[{a.size}] {param_summary(a.ckpt)}; {a.steps} steps x {a.prompts_per_step} prompts x G={a.group_size}, "
+          f"{a.max_tokens} new tokens, lr {a.lr:g}, beta {a.beta:g}; runs in {root}", flush=True)
+    base = eval_brevity(a.ckpt, a.prompts_file, a.eval_samples, a.max_tokens)
+    print(f"initial model: eval reward {base:.3f}", flush=True)
+    runs: dict[str, list[dict]] = {fw: [] for fw in a.frameworks}
+    for rep in range(a.repeats):
+        order = a.frameworks if rep % 2 == 0 else a.frameworks[::-1]
+        for fw in order:
+            res = launch(fw, a, root / f"{fw}-{rep}")
+            s = summarize_run(res)
+            runs[fw].append(s)
+            print(f"  repeat {rep + 1} {fw:9}: wall {res['wall']:.0f} s, step {s['step']:.2f} s, "
+                  f"{s['tok_s_steady']:.0f} tok/s steady, reward {s['reward_first']:.2f} -> {s['reward_last2']:.2f}, "
+                  f"eval {s['eval_reward']:.2f}, peak RSS {s['peak_rss_mb']:.0f} MiB "
+                  f"({', '.join(f'{k} {v / 2**20:.0f}' for k, v in sorted(res['peak_rss_by_role'].items()))}), "
+                  f"driver threads {res['threads']}", flush=True)
+
+    med = {fw: {k: median([r[k] for r in rs]) for k in rs[0]} for fw, rs in runs.items()}
+    keys = [("rollout", "rollout s/step"), ("reward", "reward s/step"), ("train", "train s/step"),
+            ("refit", "refit s/step"), ("step", "step s"), ("tok_s_steady", "tok/s steady"),
+            ("tok_s_e2e", "tok/s incl. start-up"), ("overhead", "start-up+teardown s"),
+            ("peak_rss_mb", "peak RSS MiB"), ("reward_first", "reward step 1"),
+            ("reward_last2", f"reward last 2 steps"), ("eval_reward", "eval reward (final model)")]
+    rows = [[label] + [med[fw][k] for fw in a.frameworks] for k, label in keys]
+    headers = ["median over repeats"] + list(a.frameworks)
+    if set(FRAMEWORKS) <= set(a.frameworks):
+        headers.append("deepalign/trl")
+        for row, (k, _) in zip(rows, keys):
+            row.append(med["deepalign"][k] / med["trl"][k] if med["trl"][k] else float("nan"))
+    print(f"\n{a.steps} steps, {a.repeats} repeats; initial-model eval reward {base:.3f}\n" + table(headers, rows))
+    if a.profile_step:
+        print(f"\npy-spy, deepalign step {a.profile_step} of repeat 1 (inclusive share of each process's samples)")
+        print(summarize_profiles(root / "deepalign-0"))
+    print(machine_line())
+    if not a.keep:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,11 @@
 """Where align gets its networks and tokenizers from, and how it saves them.
 
 Everything that builds or loads a policy or reward network goes through `load_policy` and
-`load_reward_model`, so switching from transformers' DeepseekV2 to our own `model/` network is a
-change in this one file. A preset name ("tiny") builds a freshly initialised model; anything else
+`load_reward_model`: our own `model/` network, checkpoint-compatible with transformers' DeepseekV2. A preset name ("tiny") builds a freshly initialised model; anything else
 is a checkpoint directory in the Hugging Face layout.
 """
 
+import functools
 import os
 import shutil
 import tempfile
@@ -13,33 +13,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    DeepseekV2Config,
-    DeepseekV2ForCausalLM,
-    DeepseekV2ForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, DeepseekV2Config, PreTrainedModel, PreTrainedTokenizerBase
+
+import model
 
 from align.data.mixture import tokenizer_corpus
 from align.errors import UserError
 from model.tokenizer import train_tokenizer
 
 
+PRESETS: dict[str, Callable[[], DeepseekV2Config]] = {name: functools.partial(model.make_config, name)
+                                                      for name in ("tiny",)}
+
+
 def tiny_config() -> DeepseekV2Config:
     """~5.7M parameters: MLA attention and MoE (8 routed experts, 1 shared) at toy scale."""
-    return DeepseekV2Config(
-        vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
-        intermediate_size=512, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
-        norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=2048,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-
-
-PRESETS: dict[str, Callable[[], DeepseekV2Config]] = {"tiny": tiny_config}
+    return model.make_config("tiny")
 
 
 def _checkpoint_dir(path: str) -> Path:
@@ -50,18 +39,16 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 def load_policy(path_or_preset: str, seed: int = 0) -> PreTrainedModel:
-    """A causal LM: fresh from a preset (seeded init) or loaded from a checkpoint directory."""
+    """Our MLA/MoE causal LM (model/): fresh from a preset (seeded init) or loaded from a checkpoint directory."""
     if path_or_preset in PRESETS:
-        torch.manual_seed(seed)
-        return DeepseekV2ForCausalLM(PRESETS[path_or_preset]())
-    return DeepseekV2ForCausalLM.from_pretrained(str(_checkpoint_dir(path_or_preset)), dtype=torch.float32)
+        return model.build(path_or_preset, seed=seed)
+    return model.from_pretrained(str(_checkpoint_dir(path_or_preset)))
 
 
 def load_reward_model(path: str) -> PreTrainedModel:
-    """A scalar-head sequence classifier (num_labels=1) from a causal-LM or reward checkpoint."""
-    return DeepseekV2ForSequenceClassification.from_pretrained(
-        str(_checkpoint_dir(path)), num_labels=1, dtype=torch.float32
-    )
+    """Our scalar-head sequence classifier (num_labels=1) from a causal-LM or reward checkpoint; it saves in the
+    layout of transformers' DeepseekV2ForSequenceClassification."""
+    return model.from_pretrained(str(_checkpoint_dir(path)), reward_model=True, num_labels=1)
 
 
 def load_tokenizer(path_or_preset: str, seed: int = 0) -> PreTrainedTokenizerBase:

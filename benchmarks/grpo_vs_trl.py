@@ -58,17 +58,15 @@ def eval_brevity(model_dir: Path, prompts_file: Path, samples: int, max_tokens: 
     tok = AutoTokenizer.from_pretrained(model_dir)
     net = DeepseekV2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                     tokenize=False) for r in rows]
+    tok.padding_side = "left"
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     torch.manual_seed(seed)
-    scores = []
-    for row in rows:
-        text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                       tokenize=False)
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        out = net.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                           top_p=1.0, max_new_tokens=max_tokens, num_return_sequences=samples,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        scores += brevity([row["prompt"]] * samples, texts)
+    out = net.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
+                       num_return_sequences=samples, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    completions = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    scores = brevity([r["prompt"] for r in rows for _ in range(samples)], completions)
     return float(np.mean(scores))
 
 
@@ -91,6 +89,14 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
                             optim=OptimConfig(lr=a.lr, max_grad_norm=1.0)))
     if a.profile_step:
         gt.grpo_step = profiled(gt.grpo_step, a.profile_step, work)
+    import engine.driver
+    init, t_init = engine.driver.HybridEngine.__init__, []
+
+    def timed_init(self, *args, **kwargs):            # Ray + rollout actor (vLLM) + training actor start-up
+        t = time.perf_counter()
+        init(self, *args, **kwargs)
+        t_init.append(time.perf_counter() - t)
+    engine.driver.HybridEngine.__init__ = timed_init
     t0 = time.perf_counter()
     gt.run_grpo(cfg, work / "run")
     wall = time.perf_counter() - t0
@@ -98,7 +104,7 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
     steps = [{"rollout": r["time/rollout"], "reward": r["time/reward"], "train": r["time/train"],
               "refit": r["time/refit"], "step": r["time/step"], "tokens": r["tokens/generated"],
               "reward_mean": r["reward/total_mean"]} for r in recs]
-    return {"wall": wall, "steps": steps, "model_dir": str(work / "run" / "model")}
+    return {"wall": wall, "t_init": t_init[0], "steps": steps, "model_dir": str(work / "run" / "model")}
 
 
 def profiled(step_fn, which: int, work: Path):
@@ -172,10 +178,12 @@ def run_trl(a: argparse.Namespace, work: Path) -> dict:
         gradient_accumulation_steps=1, num_iterations=1, max_completion_length=a.max_tokens,
         temperature=1.0, top_k=0, top_p=1.0, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, beta=a.beta, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=a.trl_gradient_checkpointing)
     t0 = time.perf_counter()
     trainer = GRPOTrainer(model=net, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[StepClock()])
+    t_init = time.perf_counter() - t0
     # TRL times none of these phases on the transformers path: wrap its own methods to split the step.
     trainer._generate_single_turn = timed(trainer._generate_single_turn, "rollout")
     trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")
@@ -186,13 +194,18 @@ def run_trl(a: argparse.Namespace, work: Path) -> dict:
     for s in per_step:                 # train = the rest of the step (ref log-probs, forward/backward, AdamW)
         s["train"] = s["step"] - s.get("rollout", 0.0) - s.get("reward", 0.0)
         s["refit"] = 0.0               # the policy generates itself: no weight transfer
-    return {"wall": wall, "steps": per_step, "model_dir": str(work / "model")}
+    return {"wall": wall, "t_init": t_init, "steps": per_step, "model_dir": str(work / "model")}
 
 
 def child_main(a: argparse.Namespace) -> None:
+    import psutil
+
+    # Interpreter start -> here: python, torch and this script's imports (the frameworks' own come in run_*).
+    t_imports = time.time() - psutil.Process().create_time()
     work = Path(a.work)
     torch.manual_seed(0)
     out = run_deepalign(a, work) if a.child == "deepalign" else run_trl(a, work)
+    out["t_imports"] = t_imports
     out["eval_reward"] = eval_brevity(Path(out["model_dir"]), Path(a.prompts_file), a.eval_samples, a.max_tokens)
     out["driver_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["threads"] = torch.get_num_threads()
@@ -207,6 +220,7 @@ def launch(fw: str, a: argparse.Namespace, work: Path) -> dict:
            str(a.prompts_per_step), "--group-size", str(a.group_size), "--max-tokens", str(a.max_tokens),
            "--lr", str(a.lr), "--beta", str(a.beta), "--eval-samples", str(a.eval_samples),
            "--profile-step", str(a.profile_step if fw == "deepalign" else 0)]
+    cmd += ["--trl-gradient-checkpointing"] * a.trl_gradient_checkpointing
     env = dict(os.environ)
     if fw == "deepalign" and a.deepalign_omp_threads:
         env["OMP_NUM_THREADS"] = str(a.deepalign_omp_threads)   # inherited by Ray and its actors
@@ -226,8 +240,10 @@ def summarize_run(res: dict) -> dict:
     steady = res["steps"][1:] or res["steps"]
     s = {p: float(np.mean([x.get(p, 0.0) for x in steady])) for p in (*PHASES, "step")}
     s["tok_s_steady"] = sum(x["tokens"] for x in steady) / sum(x["step"] for x in steady)
-    s["tok_s_e2e"] = sum(x["tokens"] for x in res["steps"]) / res["wall"]
-    s["overhead"] = res["wall"] - sum(x["step"] for x in res["steps"])
+    e2e = res["t_imports"] + res["wall"]            # the user's command, minus our evaluation afterwards
+    s["tok_s_e2e"] = sum(x["tokens"] for x in res["steps"]) / e2e
+    s["t_init"] = res["t_imports"] + res["t_init"]
+    s["t_end"] = res["wall"] - res["t_init"] - sum(x["step"] for x in res["steps"])
     s["reward_last2"] = float(np.mean([x["reward_mean"] for x in res["steps"][-2:]]))
     s["reward_first"] = res["steps"][0]["reward_mean"]
     s["eval_reward"], s["peak_rss_mb"] = res["eval_reward"], res["peak_rss"] / 2**20
@@ -269,6 +285,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8, help="completions per prompt for the final-model reward")
     ap.add_argument("--deepalign-omp-threads", type=int, default=0,
                     help="OMP_NUM_THREADS for deepalign's Ray actors (0 = Ray's default: 1 per fractional-CPU actor)")
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL's default; off here (deepalign does not checkpoint and memory is no issue at these sizes)")
     ap.add_argument("--profile-step", type=int, default=0, help="py-spy deepalign's driver and actors during step K")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (logs, metrics, profiles)")
     ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -297,15 +315,15 @@ def main() -> None:
             print(f"  repeat {rep + 1} {fw:9}: wall {res['wall']:.0f} s, step {s['step']:.2f} s, "
                   f"{s['tok_s_steady']:.0f} tok/s steady, reward {s['reward_first']:.2f} -> {s['reward_last2']:.2f}, "
                   f"eval {s['eval_reward']:.2f}, peak RSS {s['peak_rss_mb']:.0f} MiB "
-                  f"({', '.join(f'{k} {v / 2**20:.0f}' for k, v in sorted(res['peak_rss_by_role'].items()))}), "
+                  f"({', '.join(f'{k} {v / 2**20:.0f}' for k, v in sorted(res['peak_rss_by_role'].items()) if v)}), "
                   f"driver threads {res['threads']}", flush=True)
 
     med = {fw: {k: median([r[k] for r in rs]) for k in rs[0]} for fw, rs in runs.items()}
     keys = [("rollout", "rollout s/step"), ("reward", "reward s/step"), ("train", "train s/step"),
             ("refit", "refit s/step"), ("step", "step s"), ("tok_s_steady", "tok/s steady"),
-            ("tok_s_e2e", "tok/s incl. start-up"), ("overhead", "start-up+teardown s"),
+            ("tok_s_e2e", "tok/s end to end"), ("t_init", "start-up s"), ("t_end", "other s (data, save, exit)"),
             ("peak_rss_mb", "peak RSS MiB"), ("reward_first", "reward step 1"),
-            ("reward_last2", f"reward last 2 steps"), ("eval_reward", "eval reward (final model)")]
+            ("reward_last2", "reward last 2 steps"), ("eval_reward", "eval reward (final model)")]
     rows = [[label] + [med[fw][k] for fw in a.frameworks] for k, label in keys]
     headers = ["median over repeats"] + list(a.frameworks)
     if set(FRAMEWORKS) <= set(a.frameworks):

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
-from transformers import DeepseekV2Config, PreTrainedModel
+from transformers import DeepseekV2Config, GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import MLA, LatentCache
@@ -49,8 +50,27 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
 
-    def forward(self, input_ids, mask, position_ids, token_mask, cache=None, replay=None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, routed_experts=None, **kwargs) -> "BackboneOutput":
+        """HF-style base-model call (TRL's fused LM-head loss calls it directly): masks built here."""
+        B, T = input_ids.shape
+        segments = None
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:  # left or right padding: positions count valid tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif attention_mask is None and bool((position_ids[:, 1:] == 0).any()):
+            segments = (position_ids == 0).long().cumsum(-1)      # padding-free packing (TRL)
+        token_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        mask = causal_mask(attention_mask, position_ids, T, segments=segments)
+        hidden, routed, losses = self.run(input_ids, mask, position_ids, token_mask, replay=routed_experts)
+        return BackboneOutput(last_hidden_state=hidden, routed_experts=tuple(routed), balance_losses=losses)
+
+    def run(self, input_ids, mask, position_ids, token_mask, cache=None, replay=None):
+        """The decoder stack on prepared masks: (hidden [B, T, D], routed experts per MoE layer, balance losses)."""
         x = self.embed_tokens(input_ids)                                            # [B, T, D]
         rotation = self.rotary(position_ids)                                        # [B, T, d_R/2]
         routed, losses = [], {}
@@ -59,7 +79,11 @@ class Backbone(nn.Module):
             layer_replay = None
             if layer.is_moe and replay is not None:  # per-layer list, or one tensor [B, n_moe_layers, T, k]
                 layer_replay = replay[:, moe_i] if torch.is_tensor(replay) and replay.dim() == 4 else replay[moe_i]
-            x, indices, layer_losses = layer(x, rotation, mask, token_mask, cache, layer_replay)
+            if self.gradient_checkpointing and self.training and cache is None:  # recompute in backward
+                x, indices, layer_losses = torch.utils.checkpoint.checkpoint(
+                    layer, x, rotation, mask, token_mask, None, layer_replay, use_reentrant=False)
+            else:
+                x, indices, layer_losses = layer(x, rotation, mask, token_mask, cache, layer_replay)
             if layer.is_moe:
                 routed.append(indices)
                 moe_i += 1
@@ -84,6 +108,13 @@ def causal_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
 
 
 @dataclass
+class BackboneOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    routed_experts: tuple | None = None
+    balance_losses: dict | None = None
+
+
+@dataclass
 class LMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -96,7 +127,7 @@ class LMOutput(ModelOutput):
 class DeepseekV2PreTrained(PreTrainedModel):
     config_class = DeepseekV2Config
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"rotary\.inv_freq"]
 
@@ -114,21 +145,6 @@ class DeepseekV2PreTrained(PreTrainedModel):
             module.down_proj.normal_(0.0, std)
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-
-    # -- shared plumbing for the causal LM and the reward model ------------------------------
-    def _run_backbone(self, input_ids, attention_mask=None, position_ids=None, routed_experts=None):
-        B, T = input_ids.shape
-        segments = None
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-            else:  # left or right padding: positions count valid tokens
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        elif attention_mask is None and bool((position_ids[:, 1:] == 0).any()):
-            segments = (position_ids == 0).long().cumsum(-1)      # padding-free packing (TRL)
-        token_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        mask = causal_mask(attention_mask, position_ids, T, segments=segments)
-        return self.model(input_ids, mask, position_ids, token_mask, replay=routed_experts)
 
     def router_stats(self) -> list[dict]:
         """Per MoE layer: load fraction per expert and max/mean load, since the last reset."""
@@ -169,6 +185,7 @@ class DeepseekV2LM(DeepseekV2PreTrained):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.generation_config = GenerationConfig.from_model_config(config)  # read by TRL and generate()
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -179,7 +196,8 @@ class DeepseekV2LM(DeepseekV2PreTrained):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 routed_experts=None, return_routing: bool = False, logits_to_keep: int = 0, **kwargs) -> LMOutput:
-        hidden, routed, losses = self._run_backbone(input_ids, attention_mask, position_ids, routed_experts)
+        out = self.model(input_ids, attention_mask, position_ids, routed_experts)
+        hidden, routed, losses = out.last_hidden_state, out.routed_experts, out.balance_losses
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         aux = sum(losses.values()) if losses else None
         loss = None
@@ -198,7 +216,7 @@ class DeepseekV2LM(DeepseekV2PreTrained):
         T = input_ids.shape[1]
         S = cache.length + T
         mask = causal_mask(key_mask, position_ids, T, S)
-        hidden, routed, _ = self.model(input_ids, mask, position_ids, key_mask[:, -T:].bool(), cache=cache)
+        hidden, routed, _ = self.model.run(input_ids, mask, position_ids, key_mask[:, -T:].bool(), cache=cache)
         cache.length = S
         return self.lm_head(hidden[:, -1]).float(), routed
 
@@ -230,7 +248,8 @@ class DeepseekV2RewardModel(DeepseekV2PreTrained):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels=None, **kwargs) -> LMOutput:
-        hidden, _, losses = self._run_backbone(input_ids, attention_mask, position_ids)
+        out = self.model(input_ids, attention_mask, position_ids)
+        hidden, losses = out.last_hidden_state, out.balance_losses
         logits = self.score(hidden)                                                 # [B, T, L]
         pad = self.config.pad_token_id
         if pad is None:

@@ -43,9 +43,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     from rewards.model_reward import RewardModelScorer
     from rewards.rule import math_accuracy
 
-    reasoning = load_rows(cfg.reasoning.source, cfg.reasoning.split, cfg.reasoning.columns, ("prompt", "answer"))[0]
-    chat = load_rows(cfg.chat.source, cfg.chat.split, cfg.chat.columns, ("prompt",))[0]["prompt"]
-    safety = load_rows(cfg.safety.source, cfg.safety.split, cfg.safety.columns, ("prompt",))[0]["prompt"]
+    reasoning = load_rows(cfg.reasoning.source, cfg.reasoning.split, cfg.reasoning.columns,
+                          ("prompt", "answer"))[0].to_dict()
+    chat = list(load_rows(cfg.chat.source, cfg.chat.split, cfg.chat.columns, ("prompt",))[0]["prompt"])
+    safety = list(load_rows(cfg.safety.source, cfg.safety.split, cfg.safety.columns, ("prompt",))[0]["prompt"])
     scorers = {name: RewardModelScorer(p) for name, p in (("helpful_rm", cfg.helpful_rm), ("safety_rm", cfg.safety_rm))
                if p}
     table: dict[str, dict[str, float]] = {}

@@ -55,17 +55,16 @@ def to_implicit_pairs(rows: Dataset) -> Dataset:
 
 def run_rm(cfg: RMConfig) -> dict:
     """Train a reward model, save `<output_dir>/model` atomically, return {"metrics", "output_path"}."""
+    train_rows, skipped = load_sources(cfg.train_data, required=PAIR_COLUMNS)  # bad data fails before any work
+    eval_rows, eval_skipped = (
+        load_sources(cfg.eval_data, required=PAIR_COLUMNS) if cfg.eval_data else (None, 0)
+    )
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_reward_model(cfg.model)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-
-    train_rows, skipped = load_sources(cfg.train_data, required=PAIR_COLUMNS)
-    eval_rows, eval_skipped = (
-        load_sources(cfg.eval_data, required=PAIR_COLUMNS) if cfg.eval_data else (None, 0)
-    )
     cuda = torch.cuda.is_available()
     args = RewardConfig(
         output_dir=str(Path(cfg.output_dir) / "trainer"),

@@ -72,7 +72,7 @@ class SFTConfig(BaseModel):
     output_dir: str = "runs/sft"
 
 
-def _trl_args(cfg: SFTConfig, has_eval: bool) -> TRLSFTConfig:
+def _trl_args(cfg: SFTConfig) -> TRLSFTConfig:
     cuda = torch.cuda.is_available()
     return TRLSFTConfig(
         output_dir=str(Path(cfg.output_dir) / "trainer"),
@@ -109,15 +109,15 @@ def run_sft(cfg: SFTConfig) -> dict:
             f"sft: LoRA on preset {cfg.model!r} without merge_lora_on_save leaves no base checkpoint on disk; "
             "set merge_lora_on_save: true or start from a checkpoint"
         )
+    train, skipped = load_sources(cfg.train_data, required=["messages"])  # bad data fails before any work
+    evals, eval_skipped = load_sources(cfg.eval_data, required=["messages"]) if cfg.eval_data else (None, 0)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.seed)
     model = load_policy(cfg.model, cfg.seed)
-    train, skipped = load_sources(cfg.train_data, required=["messages"])
-    evals, eval_skipped = load_sources(cfg.eval_data, required=["messages"]) if cfg.eval_data else (None, 0)
 
     trainer = SFTTrainer(
         model=model,
-        args=_trl_args(cfg, evals is not None),
+        args=_trl_args(cfg),
         train_dataset=train,
         eval_dataset=evals,
         processing_class=tokenizer,

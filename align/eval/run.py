@@ -41,7 +41,7 @@ class AlpacaEvalConfig(BaseModel):
     enabled: bool = False
     reference_outputs: Path | None = None  # JSON list {dataset, instruction, output, generator}
     data_path: Path | None = None  # instructions; None = the reference file's instructions
-    max_instances: int | None = Field(None, ge=1)
+    max_instances: int | None = Field(None, ge=10)  # the LC win rate is a 5-fold cross-validated GLM
     max_tokens: int = Field(2048, ge=1)
     temperature: float = 0.0
     seed: int = 123  # order randomisation

@@ -150,3 +150,12 @@ def brevity(prompts: list[str], completions: list[str], **columns) -> list[float
     benchmark times the RL machinery rather than a reward model.
     """
     return [1.0 - min(len(c), 40) / 40 for c in completions]
+
+
+def sevens(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Share of the completion's characters that are '7'. Stopping early earns nothing, so completions stay
+    near the length cap and every step samples about the same number of tokens (a clean throughput ratio)."""
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+REWARDS = {"brevity": brevity, "sevens": sevens}

@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import TreeRSS, brevity, machine_line, make_checkpoint, median, param_summary, table  # noqa: E402
+from _common import REWARDS, TreeRSS, machine_line, make_checkpoint, median, param_summary, table  # noqa: E402
 
 FRAMEWORKS = ("deepalign", "trl")
 PHASES = ("rollout", "reward", "train", "refit")
@@ -51,8 +51,9 @@ def write_prompts(path: Path, n: int = 16) -> Path:
 
 
 @torch.no_grad()
-def eval_brevity(model_dir: Path, prompts_file: Path, samples: int, max_tokens: int, seed: int = 1234) -> float:
-    """Mean brevity of `samples` completions per prompt, sampled at T=1 by transformers: one evaluator for both."""
+def eval_reward(model_dir: Path, prompts_file: Path, reward: str, samples: int, max_tokens: int,
+                seed: int = 1234) -> float:
+    """Mean reward of `samples` completions per prompt, sampled at T=1 by transformers: one evaluator for both."""
     from transformers import AutoTokenizer, DeepseekV2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -66,7 +67,7 @@ def eval_brevity(model_dir: Path, prompts_file: Path, samples: int, max_tokens: 
     out = net.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
                        num_return_sequences=samples, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     completions = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    scores = brevity([r["prompt"] for r in rows for _ in range(samples)], completions)
+    scores = REWARDS[reward]([r["prompt"] for r in rows for _ in range(samples)], completions)
     return float(np.mean(scores))
 
 
@@ -81,7 +82,7 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
 
     cfg = GRPOConfig(
         init_from=str(a.ckpt), data=[DataSource(source=str(a.prompts_file))],
-        rewards=[RewardComponent(spec="_common:brevity")], steps=a.steps, prompts_per_step=a.prompts_per_step,
+        rewards=[RewardComponent(spec=f"_common:{a.reward}")], steps=a.steps, prompts_per_step=a.prompts_per_step,
         group_size=a.group_size, beta=a.beta, clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean",
         advantage_scale="group", seed=0, sampling=SamplingConfig(temperature=1.0, max_tokens=a.max_tokens),
         engine=EngineConfig(cluster=ClusterConfig(num_cpus=2),
@@ -107,6 +108,24 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
     return {"wall": wall, "t_init": t_init[0], "steps": steps, "model_dir": str(work / "run" / "model")}
 
 
+class Spy:
+    """py-spy sampling a set of processes (by pid) at 100 Hz until stopped: raw collapsed stacks per process."""
+
+    def __init__(self, targets: dict[str, int], out: Path, prefix: str):
+        exe = str(Path(sys.executable).parent / "py-spy")
+        self.procs = [subprocess.Popen([exe, "record", "-p", str(pid), "-r", "100", "--format", "raw", "-o",
+                                        str(out / f"profile-{prefix}-{role}.txt")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      for role, pid in targets.items()]
+        time.sleep(1.0)                                      # let py-spy attach before the step starts
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)                     # py-spy writes its output on SIGINT
+        for p in self.procs:
+            p.wait(timeout=120)
+
+
 def profiled(step_fn, which: int, work: Path):
     """Wrap grpo_step: during step `which` (1-based) py-spy samples the driver and every Ray actor of the run."""
     import psutil
@@ -121,21 +140,13 @@ def profiled(step_fn, which: int, work: Path):
         me = psutil.Process()
         targets = {"driver": me.pid}
         for p in me.children(recursive=True):
-            role = process_role(p)
-            if role in ("RolloutWorker", "TrainWorker"):
-                targets[role] = p.pid
-        spies = {role: subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
-                                         "-r", "100", "--format", "raw", "-o", str(work / f"profile-{role}.txt")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for role, pid in targets.items()}
-        time.sleep(1.0)                                      # let py-spy attach
+            if process_role(p) in ("RolloutWorker", "TrainWorker"):
+                targets[process_role(p)] = p.pid
+        spy = Spy(targets, work, "deepalign")
         try:
             return step_fn(*args, **kwargs)
         finally:
-            for spy in spies.values():
-                spy.send_signal(signal.SIGINT)
-            for spy in spies.values():
-                spy.wait(timeout=60)
+            spy.stop()
     return wrapper
 
 
@@ -152,7 +163,7 @@ def run_trl(a: argparse.Namespace, work: Path) -> dict:
 
     def reward(prompts, completions, completion_ids, **kw) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        scores = brevity(prompts, texts)
+        scores = REWARDS[a.reward](prompts, texts)
         per_step[-1].update(tokens=float(sum(len(c) for c in completion_ids)), reward_mean=float(np.mean(scores)))
         return scores
 
@@ -166,11 +177,18 @@ def run_trl(a: argparse.Namespace, work: Path) -> dict:
         return wrapper
 
     class StepClock(TrainerCallback):
+        spy = None
+
         def on_step_begin(self, args, state, control, **kw):
+            if len(per_step) + 1 == a.profile_step:
+                self.spy = Spy({"driver": os.getpid()}, work, "trl")
             per_step.append({"t0": time.perf_counter()})
 
         def on_step_end(self, args, state, control, **kw):
             per_step[-1]["step"] = time.perf_counter() - per_step[-1].pop("t0")
+            if self.spy is not None:
+                self.spy.stop()
+                self.spy = None
 
     args = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, bf16=False, seed=0, max_steps=a.steps,
@@ -206,20 +224,20 @@ def child_main(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     out = run_deepalign(a, work) if a.child == "deepalign" else run_trl(a, work)
     out["t_imports"] = t_imports
-    out["eval_reward"] = eval_brevity(Path(out["model_dir"]), Path(a.prompts_file), a.eval_samples, a.max_tokens)
+    out["eval_reward"] = eval_reward(Path(out["model_dir"]), Path(a.prompts_file), a.reward, a.eval_samples, a.max_tokens)
     out["driver_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["threads"] = torch.get_num_threads()
     (work / "result.json").write_text(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------------------- parent
-def launch(fw: str, a: argparse.Namespace, work: Path) -> dict:
+def launch(fw: str, a: argparse.Namespace, work: Path, profile_step: int = 0) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--child", fw, "--work", str(work), "--ckpt", str(a.ckpt),
            "--prompts-file", str(a.prompts_file), "--steps", str(a.steps), "--prompts-per-step",
            str(a.prompts_per_step), "--group-size", str(a.group_size), "--max-tokens", str(a.max_tokens),
            "--lr", str(a.lr), "--beta", str(a.beta), "--eval-samples", str(a.eval_samples),
-           "--profile-step", str(a.profile_step if fw == "deepalign" else 0)]
+           "--reward", a.reward, "--profile-step", str(profile_step)]
     cmd += ["--trl-gradient-checkpointing"] * a.trl_gradient_checkpointing
     env = dict(os.environ)
     if fw == "deepalign" and a.deepalign_omp_threads:
@@ -244,30 +262,48 @@ def summarize_run(res: dict) -> dict:
     s["tok_s_e2e"] = sum(x["tokens"] for x in res["steps"]) / e2e
     s["t_init"] = res["t_imports"] + res["t_init"]
     s["t_end"] = res["wall"] - res["t_init"] - sum(x["step"] for x in res["steps"])
-    s["reward_last2"] = float(np.mean([x["reward_mean"] for x in res["steps"][-2:]]))
+    s["reward_last"] = res["steps"][-1]["reward_mean"]
     s["reward_first"] = res["steps"][0]["reward_mean"]
     s["eval_reward"], s["peak_rss_mb"] = res["eval_reward"], res["peak_rss"] / 2**20
     return s
 
 
-def summarize_profiles(work: Path) -> str:
-    """py-spy raw stacks -> per process: samples and the top frames by inclusive share (our code + libraries)."""
+# Frames that only say "somebody is waiting or dispatching": left out of the profile listing.
+PLUMBING = ("ray/", "threading.py", "tracing_helper.py", "torch/nn/modules/module.py", "torch/utils/_contextlib.py",
+            "contextlib.py", "concurrent/", "asyncio/", "selectors.py", "queue.py", "<module>", "grpo_vs_trl.py",
+            "runpy.py", "trainer.py", "accelerate/", "trl/extras/profiling.py", "site-packages/tqdm")
+# Leaves py-spy counts as busy although the thread only waits (condition variables, Ray's poll loops).
+IDLE_LEAVES = ("(threading.py)", "(ray/_private/worker.py)", "(queue.py)", "(selectors.py)")
+
+
+def summarize_profiles(work: Path, top: int = 12) -> str:
+    """py-spy raw stacks -> per process: active CPU seconds, top frames by inclusive share, top leaf (self) frames."""
+    def name(frame: str) -> str:                     # "fn (pkg/file.py:123)" -> "fn (pkg/file.py)"
+        fn, _, where = frame.rpartition(" (")
+        return f"{fn} ({where.rsplit(':', 1)[0]})"
+
     lines = []
     for f in sorted(work.glob("profile-*.txt")):
         incl: dict[str, int] = {}
+        leaf: dict[str, int] = {}
         total = 0
         for line in f.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            if not count.isdigit():
+            if not count.isdigit() or not stack:
                 continue
-            n = int(count)
+            n, frames = int(count), [name(fr) for fr in stack.split(";") if fr]
+            if frames[-1].endswith(IDLE_LEAVES):
+                continue
             total += n
-            for frame in {fr.split(" (")[0] + " (" + fr.split(" (")[-1].split(":")[0].split("/")[-1] + ")"
-                          for fr in stack.split(";") if fr}:
-                incl[frame] = incl.get(frame, 0) + n
-        top = sorted(incl.items(), key=lambda kv: -kv[1])[:14]
-        lines.append(f"{f.stem.removeprefix('profile-')}: {total} samples at 100 Hz ({total / 100:.1f} s on CPU)")
-        lines += [f"  {100 * n / max(total, 1):5.1f}%  {name}" for name, n in top]
+            leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+            for fr in set(frames):
+                if not any(p in fr for p in PLUMBING):
+                    incl[fr] = incl.get(fr, 0) + n
+        pct = lambda n: f"{100 * n / max(total, 1):5.1f}%"  # noqa: E731
+        lines.append(f"{f.stem.removeprefix('profile-')}: {total / 100:.1f} s busy (py-spy at 100 Hz, waits left out)")
+        lines += [f"  {pct(n)}  {fr}" for fr, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]]
+        lines.append("  self time:")
+        lines += [f"  {pct(n)}  {fr}" for fr, n in sorted(leaf.items(), key=lambda kv: -kv[1])[:top // 2]]
     return "\n".join(lines)
 
 
@@ -282,12 +318,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--reward", default="brevity", choices=sorted(REWARDS))
     ap.add_argument("--eval-samples", type=int, default=8, help="completions per prompt for the final-model reward")
     ap.add_argument("--deepalign-omp-threads", type=int, default=0,
                     help="OMP_NUM_THREADS for deepalign's Ray actors (0 = Ray's default: 1 per fractional-CPU actor)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="TRL's default; off here (deepalign does not checkpoint and memory is no issue at these sizes)")
-    ap.add_argument("--profile-step", type=int, default=0, help="py-spy deepalign's driver and actors during step K")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="after the timed runs, one extra run per framework with py-spy on every process during step K")
     ap.add_argument("--keep", action="store_true", help="keep the run directories (logs, metrics, profiles)")
     ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -303,7 +341,7 @@ def main() -> None:
     a.prompts_file = write_prompts(root / "prompts.jsonl")
     print(f"[{a.size}] {param_summary(a.ckpt)}; {a.steps} steps x {a.prompts_per_step} prompts x G={a.group_size}, "
           f"{a.max_tokens} new tokens, lr {a.lr:g}, beta {a.beta:g}; runs in {root}", flush=True)
-    base = eval_brevity(a.ckpt, a.prompts_file, a.eval_samples, a.max_tokens)
+    base = eval_reward(a.ckpt, a.prompts_file, a.reward, a.eval_samples, a.max_tokens)
     print(f"initial model: eval reward {base:.3f}", flush=True)
     runs: dict[str, list[dict]] = {fw: [] for fw in a.frameworks}
     for rep in range(a.repeats):
@@ -313,7 +351,7 @@ def main() -> None:
             s = summarize_run(res)
             runs[fw].append(s)
             print(f"  repeat {rep + 1} {fw:9}: wall {res['wall']:.0f} s, step {s['step']:.2f} s, "
-                  f"{s['tok_s_steady']:.0f} tok/s steady, reward {s['reward_first']:.2f} -> {s['reward_last2']:.2f}, "
+                  f"{s['tok_s_steady']:.0f} tok/s steady, reward {s['reward_first']:.2f} -> {s['reward_last']:.2f}, "
                   f"eval {s['eval_reward']:.2f}, peak RSS {s['peak_rss_mb']:.0f} MiB "
                   f"({', '.join(f'{k} {v / 2**20:.0f}' for k, v in sorted(res['peak_rss_by_role'].items()) if v)}), "
                   f"driver threads {res['threads']}", flush=True)
@@ -323,7 +361,7 @@ def main() -> None:
             ("refit", "refit s/step"), ("step", "step s"), ("tok_s_steady", "tok/s steady"),
             ("tok_s_e2e", "tok/s end to end"), ("t_init", "start-up s"), ("t_end", "other s (data, save, exit)"),
             ("peak_rss_mb", "peak RSS MiB"), ("reward_first", "reward step 1"),
-            ("reward_last2", "reward last 2 steps"), ("eval_reward", "eval reward (final model)")]
+            ("reward_last", f"reward step {a.steps}"), ("eval_reward", "eval reward (final model)")]
     rows = [[label] + [med[fw][k] for fw in a.frameworks] for k, label in keys]
     headers = ["median over repeats"] + list(a.frameworks)
     if set(FRAMEWORKS) <= set(a.frameworks):
@@ -331,9 +369,13 @@ def main() -> None:
         for row, (k, _) in zip(rows, keys):
             row.append(med["deepalign"][k] / med["trl"][k] if med["trl"][k] else float("nan"))
     print(f"\n{a.steps} steps, {a.repeats} repeats; initial-model eval reward {base:.3f}\n" + table(headers, rows))
-    if a.profile_step:
-        print(f"\npy-spy, deepalign step {a.profile_step} of repeat 1 (inclusive share of each process's samples)")
-        print(summarize_profiles(root / "deepalign-0"))
+    if a.profile_step:                               # separate runs: py-spy slows the step it samples
+        for fw in a.frameworks:
+            res = launch(fw, a, root / f"{fw}-profile", profile_step=a.profile_step)
+            st = res["steps"][a.profile_step - 1]
+            print(f"\npy-spy, {fw} step {a.profile_step} (an extra run): step {st['step']:.2f} s = "
+                  + ", ".join(f"{p} {st.get(p, 0.0):.2f}" for p in PHASES))
+            print(summarize_profiles(root / f"{fw}-profile"))
     print(machine_line())
     if not a.keep:
         import shutil

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-GATE_UP = ".mlp.experts.gate_up_proj"
-DOWN = ".mlp.experts.down_proj"
+from model.checkpoint import to_checkpoint_tensors
 
 NamedArray = tuple[str, np.ndarray]
 
@@ -26,30 +25,11 @@ NamedArray = tuple[str, np.ndarray]
 def hf_named_tensors(state_dict_or_module: nn.Module | Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (checkpoint name, tensor) with fused 3-D experts split per expert (views, no copies).
 
-    gate_up_proj[e] holds gate in its first I rows and up in its last I rows, the order
-    transformers' own forward (`.chunk(2)`) and save_pretrained use.
+    The naming itself lives in model.checkpoint (the same code writes our safetensors files).
     """
-    if isinstance(state_dict_or_module, nn.Module):
-        state = state_dict_or_module.state_dict()
-    else:
-        state = state_dict_or_module
-    for name, t in state.items():
-        t = t.detach()
-        if name.endswith(GATE_UP):
-            if t.dim() != 3 or t.shape[1] % 2:
-                raise ValueError(f"{name}: expected a [experts, 2*intermediate, hidden] tensor, got shape {tuple(t.shape)}")
-            prefix, inter = name[: -len("gate_up_proj")], t.shape[1] // 2
-            for e in range(t.shape[0]):
-                yield f"{prefix}{e}.gate_proj.weight", t[e, :inter]
-                yield f"{prefix}{e}.up_proj.weight", t[e, inter:]
-        elif name.endswith(DOWN):
-            if t.dim() != 3:
-                raise ValueError(f"{name}: expected a [experts, hidden, intermediate] tensor, got shape {tuple(t.shape)}")
-            prefix = name[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                yield f"{prefix}{e}.down_proj.weight", t[e]
-        else:
-            yield name, t
+    state = state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module) else state_dict_or_module
+    for name, t in to_checkpoint_tensors(state):
+        yield name, t.detach()
 
 
 def to_float32_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@ def to_checkpoint_tensors(state: dict[str, torch.Tensor]) -> Iterator[tuple[str,
             yield name, t
             continue
         prefix, kind = m.groups()
+        if t.dim() != 3 or (kind == "gate_up_proj" and t.shape[1] % 2):
+            raise ValueError(f"{name}: expected a 3-D [experts, ...] expert tensor, got shape {tuple(t.shape)}")
         if kind == "gate_up_proj":                                      # [E, 2I, H]: gate rows first, then up
             inter = t.shape[1] // 2
             for e in range(t.shape[0]):

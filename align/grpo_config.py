@@ -47,3 +47,4 @@ class GRPOConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="full checkpoint every N steps (0 = only at the end)")
     keep_last: int = Field(2, ge=1)
     seed: int = 0
+    wandb_project: str | None = Field(None, description="also log to W&B (WANDB_MODE=offline works offline)")

@@ -229,7 +229,7 @@ def load_prompt_rows(sources) -> list[dict]:
 class MetricsLog:
     """metrics.jsonl (one line per step, fsynced) and TensorBoard; a resumed run truncates later steps."""
 
-    def __init__(self, output_dir: Path, start_step: int):
+    def __init__(self, output_dir: Path, start_step: int, wandb_project: str | None = None, config: dict | None = None):
         self.path = output_dir / "metrics.jsonl"
         kept = []
         if self.path.exists():
@@ -243,6 +243,15 @@ class MetricsLog:
         self.path.write_text("".join(x + "\n" for x in kept))
         from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                from align.errors import UserError
+                raise UserError("grpo.wandb_project: the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=config, resume="allow",
+                                    id=f"deepalign-{abs(hash(str(output_dir.resolve()))) % 10**10}")
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -253,9 +262,13 @@ class MetricsLog:
             if isinstance(v, (int, float)) and k != "step":
                 self.tb.add_scalar(k, v, record["step"])
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
     def close(self) -> None:
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def save_state(engine, root: Path, step: int, stream: PromptStream, rewards: RewardSet, keep_last: int,
@@ -329,7 +342,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
             stream.load_state_dict(state["stream"])
             rewards.load_state_dict(state["rewards"])
             start_step = state["step"]
-        log = MetricsLog(output_dir, start_step)
+        log = MetricsLog(output_dir, start_step, cfg.wandb_project, cfg.model_dump(mode="json"))
         acc_start = state.get("held_out_start")
         if acc_start is None and held_rows:
             acc_start = held_out_accuracy(engine, tokenizer, held_rows, held_scorer, cfg)

@@ -46,7 +46,8 @@ class LoraSettings(BaseModel):
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             target_parameters=list(self.target_parameters) or None,
-            task_type="CAUSAL_LM",
+            # No task_type: PEFT's CAUSAL_LM wrapper insists on GenerationMixin hooks that our network need not
+            # have; the generic PeftModel wraps any module and saves/merges the same adapters.
         )
 
 

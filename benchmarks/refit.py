@@ -24,18 +24,18 @@ import ray  # noqa: E402
 
 from _common import machine_line, make_checkpoint, median, param_summary, table  # noqa: E402
 from engine.config import ClusterConfig, OptimConfig, RolloutConfig, TrainConfig  # noqa: E402
-from engine.driver import HybridEngine  # noqa: E402
+from engine.driver import EngineError, HybridEngine  # noqa: E402
 
 
-def bench_one(path: Path, run_dir: Path, placement: str, backend: str, args: argparse.Namespace) -> dict:
+def bench_one(path: Path, run_dir: Path, placement: str, backend: str, bucket_mb: float, repeats: int) -> dict:
     kwargs = dict(max_model_len=256, kv_cache_gib=1) if backend == "vllm" else {}
     t0 = time.perf_counter()
     with HybridEngine(ClusterConfig(placement=placement, rollout_num_cpus=1, train_num_cpus=1),
-                      RolloutConfig(backend=backend, kwargs=kwargs, refit_bucket_mb=args.bucket_mb),
+                      RolloutConfig(backend=backend, kwargs=kwargs, refit_bucket_mb=bucket_mb),
                       OptimConfig(), TrainConfig(), path, run_dir) as eng:
         startup = time.perf_counter() - t0
         eng.sync_weights()                                     # warm-up: first bucket shapes, lazy imports
-        stats = [eng.sync_weights() for _ in range(args.repeats)]
+        stats = [eng.sync_weights() for _ in range(repeats)]
     secs = [s.seconds for s in stats]
     print(f"  {placement:9} {backend:6} start-up {startup:5.1f} s  refits (s): "
           + " ".join(f"{s:.3f}" for s in secs), flush=True)
@@ -66,7 +66,16 @@ def main() -> None:
                 for placement in args.placements:
                     for backend in args.backends:
                         run_dir = Path(d) / f"run-{size}-{placement}-{backend}"
-                        results[size, placement, backend] = bench_one(path, run_dir, placement, backend, args)
+                        try:
+                            results[size, placement, backend] = bench_one(path, run_dir, placement, backend,
+                                                                          args.bucket_mb, args.repeats)
+                        except (EngineError, ray.exceptions.RayError) as e:
+                            # Say what broke, then measure the same refit as one bucket so the row is not empty.
+                            print(f"  {placement:9} {backend:6} FAILED with {args.bucket_mb:g} MB buckets: "
+                                  f"{str(e).strip().splitlines()[-1][:200]}", flush=True)
+                            whole = 1 + 1.1 * sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+                            results[size, placement, backend + "*"] = bench_one(
+                                path, Path(str(run_dir) + "-1bucket"), placement, backend, whole, args.repeats)
         finally:
             ray.shutdown()
 
@@ -74,16 +83,19 @@ def main() -> None:
             for (size, p, b), r in results.items()]
     print(f"\nmedian of {args.repeats} refits (bucket {args.bucket_mb:g} MB)")
     print(table(["size", "placement", "backend", "MB", "tensors", "buckets", "ms", "MB/s"], rows))
+    if any(b.endswith("*") for _, _, b in results):
+        print("* failed with the bucket size asked for; measured as one bucket instead (see the FAILED line)")
     ratio_rows = []
     for size in args.sizes:
+        def get(p: str, b: str) -> dict | None:
+            return results.get((size, p, b)) or results.get((size, p, b + "*"))
         for p in args.placements:
-            if (size, p, "vllm") in results and (size, p, "native") in results:
-                ratio_rows.append([size, f"vllm/native time ({p})",
-                                   results[size, p, "vllm"]["seconds"] / results[size, p, "native"]["seconds"]])
+            if get(p, "vllm") and get(p, "native"):
+                ratio_rows.append([size, f"vllm/native time ({p})", get(p, "vllm")["seconds"] / get(p, "native")["seconds"]])
         for b in args.backends:
-            if (size, "split", b) in results and (size, "colocated", b) in results:
+            if get("split", b) and get("colocated", b):
                 ratio_rows.append([size, f"split/colocated time ({b})",
-                                   results[size, "split", b]["seconds"] / results[size, "colocated", b]["seconds"]])
+                                   get("split", b)["seconds"] / get("colocated", b)["seconds"]])
     if ratio_rows:
         print("\n" + table(["size", "ratio", "value"], ratio_rows))
     print(machine_line())

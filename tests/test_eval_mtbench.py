@@ -314,7 +314,7 @@ def test_hf_chat_model_on_tiny_llama(server_single, tmp_path, monkeypatch):
     shutil.copy(DATA / "judge_prompts.jsonl", data_dir)
     shutil.copy(DATA / "reference_answer/gpt-4.jsonl", data_dir / "reference_answer")
 
-    cfg = EvalConfig(model_path=ckpt, output_dir=tmp_path / "eval", mtbench={"data_dir": data_dir, "max_tokens": 6},
+    cfg = EvalConfig(model_path=ckpt, generator="hf", output_dir=tmp_path / "eval", mtbench={"data_dir": data_dir, "max_tokens": 6},
                      judge={"kind": "openai", "base_url": srv.url, "model": "judge-x", "api_key_env": "TEST_JUDGE_KEY"})
     mt = run_eval(cfg)["mt_bench"]
     answers = {json.loads(l)["question_id"]: json.loads(l)["choices"][0]["turns"]

@@ -6,16 +6,13 @@ is a checkpoint directory in the Hugging Face layout.
 """
 
 import functools
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, DeepseekV2Config, PreTrainedModel, PreTrainedTokenizerBase
 
 import model
+from engine.train_worker import atomic_dir
 
 from align.data.mixture import tokenizer_corpus
 from align.errors import UserError
@@ -58,42 +55,10 @@ def load_tokenizer(path_or_preset: str, seed: int = 0) -> PreTrainedTokenizerBas
     return AutoTokenizer.from_pretrained(str(_checkpoint_dir(path_or_preset)))
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_atomically(save: Callable[[Path], None], final_dir: str | Path) -> Path:
-    """Run `save(tmp_dir)`, fsync it, then swap it in for `final_dir` by renames.
+    """Run `save(tmp_dir)`, fsync it, then swap it in for `final_dir` by renames (engine's atomic_dir).
 
     A crash leaves either the old checkpoint or the new one at `final_dir`, never a half-written one.
     """
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    try:
-        save(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if final_dir.exists():
-            old = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
-            os.replace(final_dir, old)
-        os.replace(tmp, final_dir)
-        if old is not None:
-            shutil.rmtree(old)
-        fd = os.open(final_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final_dir
+    atomic_dir(Path(final_dir), save)
+    return Path(final_dir)

@@ -1,6 +1,7 @@
 """Recipe validation: every malformed recipe gives exit code 2 and one line naming file, field and problem."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,13 @@ from align.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_GRPO = (REPO / "recipes" / "grpo_reasoning.yaml").read_text()
+STEPS_LINE = re.search(r"^  steps: \d+$", GOOD_GRPO, re.M).group(0)
 
 CASES = [  # (name, recipe text or None for a missing file, extra CLI args, expected message fragment)
     ("bad yaml", "stage: grpo\ngrpo: {init_from: x\n  steps: 3", [], "line 3: bad YAML"),
     ("unknown stage", "stage: train\n", [], "stage: unknown stage 'train'"),
-    ("unknown key", GOOD_GRPO.replace("  steps: 30", "  stepz: 30"), [], "grpo.stepz: unknown key"),
-    ("wrong type", GOOD_GRPO.replace("  steps: 30", "  steps: many"), [], "grpo.steps: Input should be a valid integer"),
+    ("unknown key", GOOD_GRPO.replace(STEPS_LINE, "  stepz: 30"), [], "grpo.stepz: unknown key"),
+    ("wrong type", GOOD_GRPO.replace(STEPS_LINE, "  steps: many"), [], "grpo.steps: Input should be a valid integer"),
     ("nested wrong type", GOOD_GRPO.replace("max_tokens: 48}", "max_tokens: -3}"), [],
      "grpo.sampling.max_tokens: Input should be greater than or equal to 1"),
     ("missing field", "stage: grpo\ngrpo: {data: [], rewards: []}\n", [], "grpo.init_from: Field required"),

@@ -101,6 +101,7 @@ class TreeRSS:
 
     Keeps the peak of the sum and the peak per role (driver, RolloutWorker, TrainWorker, ray daemons):
     ru_maxrss alone would miss Ray actors, which are not children the kernel accounts to us.
+    Also sums the CPU time of every process seen (up to its last sample): the run's total CPU seconds.
     """
 
     def __init__(self, pid: int, period: float = 0.25):
@@ -108,6 +109,7 @@ class TreeRSS:
         self.period = period
         self.peak_total = 0
         self.peak_by_role: dict[str, int] = {}
+        self.cpu_seconds: dict[int, float] = {}        # last user+system time seen per pid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -120,8 +122,10 @@ class TreeRSS:
         for p in procs:
             try:
                 rss = p.memory_info().rss
+                cpu = p.cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+            self.cpu_seconds[p.pid] = cpu.user + cpu.system
             role = "driver" if p.pid == self.root.pid else process_role(p)
             by_role[role] = by_role.get(role, 0) + rss
             total += rss
@@ -141,6 +145,10 @@ class TreeRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def total_cpu_seconds(self) -> float:
+        return sum(self.cpu_seconds.values())
 
 
 def brevity(prompts: list[str], completions: list[str], **columns) -> list[float]:

@@ -1,21 +1,23 @@
 """GRPO end to end: deepalign (vLLM rollout, colocated, via run_grpo) vs TRL's GRPOTrainer, same task.
 
 Same checkpoint (a random `tiny` or `100m` network with a local tokenizer), same 16 prompts, group
-size, completion length, learning rate, beta, clip, loss aggregation and number of steps; reward =
-brevity (benchmarks/_common.py). Each run is a fresh subprocess (so peak RSS and thread settings do
-not leak between runs) and the frameworks alternate, `--repeats` times. TRL trains transformers'
-DeepseekV2ForCausalLM (what a TRL user would load) with transformers' `generate`: TRL's vLLM
-colocate mode starts on CPU but fails at its first weight sync (see benchmarks/README.md).
+size, completion length, sampling, learning rate, beta, clip, loss aggregation and number of steps;
+the reward is `brevity` or `sevens` (benchmarks/_common.py). Each run is a fresh subprocess (so peak
+RSS and thread settings do not leak between runs) and the frameworks alternate, `--repeats` times.
+TRL trains transformers' DeepseekV2ForCausalLM (what a TRL user would load) and samples with
+transformers' `generate`: TRL's vLLM colocate mode starts on CPU but fails at its first weight sync
+(see benchmarks/README.md).
 
 Reported per framework (median over repeats): per-step wall time split rollout / reward / train /
-refit (steady state: step 1, which pays warm-ups, is left out), tokens/s over those steps and over
-the whole run including start-up, peak RSS of the run's process tree (driver + Ray actors + Ray
-daemons), mean training reward of the last 2 steps, and the brevity of the final model under one
-shared evaluator (transformers sampling, fixed seed).
+refit (steady state: step 1, which pays warm-ups, is left out); tokens/s over those steps and end to
+end (process start to exit, our evaluation excluded); start-up time; peak RSS of the run's process
+tree (driver + Ray actors + Ray daemons); the training reward at step 1 and at the last step; and the
+reward of the final model under one shared evaluator (transformers sampling at T=1, fixed seed).
+--profile-step K adds one extra run per framework with py-spy on every process during step K.
 
-    .venv/bin/python benchmarks/grpo_vs_trl.py [--size tiny] [--steps 6] [--repeats 2]
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--size tiny] [--steps 6] [--repeats 2] [--reward brevity]
         [--prompts-per-step 4] [--group-size 8] [--max-tokens 16] [--lr 5e-3] [--beta 0.04]
-        [--deepalign-omp-threads N] [--profile-step K]
+        [--deepalign-omp-threads N] [--trl-gradient-checkpointing] [--profile-step K] [--keep]
 """
 from __future__ import annotations
 
@@ -224,7 +226,10 @@ def child_main(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     out = run_deepalign(a, work) if a.child == "deepalign" else run_trl(a, work)
     out["t_imports"] = t_imports
-    out["eval_reward"] = eval_reward(Path(out["model_dir"]), Path(a.prompts_file), a.reward, a.eval_samples, a.max_tokens)
+    c0 = time.process_time()
+    out["eval_reward"] = eval_reward(Path(out["model_dir"]), Path(a.prompts_file), a.reward, a.eval_samples,
+                                     a.max_tokens)
+    out["eval_cpu_seconds"] = time.process_time() - c0
     out["driver_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["threads"] = torch.get_num_threads()
     (work / "result.json").write_text(json.dumps(out))
@@ -251,6 +256,7 @@ def launch(fw: str, a: argparse.Namespace, work: Path, profile_step: int = 0) ->
         raise SystemExit(f"{fw} run failed (exit {code}); last lines of {work / 'log.txt'}:\n" + "\n".join(tail))
     res = json.loads((work / "result.json").read_text())
     res["peak_rss"], res["peak_rss_by_role"] = rss.peak_total, rss.peak_by_role
+    res["cpu_seconds"] = rss.total_cpu_seconds                 # includes our evaluation at the end
     return res
 
 
@@ -265,6 +271,7 @@ def summarize_run(res: dict) -> dict:
     s["reward_last"] = res["steps"][-1]["reward_mean"]
     s["reward_first"] = res["steps"][0]["reward_mean"]
     s["eval_reward"], s["peak_rss_mb"] = res["eval_reward"], res["peak_rss"] / 2**20
+    s["cpu_s"] = res["cpu_seconds"] - res["eval_cpu_seconds"]
     return s
 
 
@@ -360,7 +367,7 @@ def main() -> None:
     keys = [("rollout", "rollout s/step"), ("reward", "reward s/step"), ("train", "train s/step"),
             ("refit", "refit s/step"), ("step", "step s"), ("tok_s_steady", "tok/s steady"),
             ("tok_s_e2e", "tok/s end to end"), ("t_init", "start-up s"), ("t_end", "other s (data, save, exit)"),
-            ("peak_rss_mb", "peak RSS MiB"), ("reward_first", "reward step 1"),
+            ("cpu_s", "CPU s, whole run (all procs)"), ("peak_rss_mb", "peak RSS MiB"), ("reward_first", "reward step 1"),
             ("reward_last", f"reward step {a.steps}"), ("eval_reward", "eval reward (final model)")]
     rows = [[label] + [med[fw][k] for fw in a.frameworks] for k, label in keys]
     headers = ["median over repeats"] + list(a.frameworks)

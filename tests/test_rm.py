@@ -4,7 +4,8 @@ Threshold: >= 0.8 pairwise accuracy on held-out pairs (the spec's bar; chance is
 must clear it separately on harmful prompts (refusal preferred) and on benign look-alikes (helpful
 answer preferred): refusals are chosen in one kind and rejected in the other, so scoring refusals
 high or low everywhere scores ~0.5 overall and fails one of the two kinds. Measured (tiny preset,
-random init + short SFT): helpful MEASURED_HELPFUL, safety 1.0 / 1.0 on harmful / benign.
+10-step SFT, these settings): helpful 0.84 (wrong-answer pairs 0.72, irrelevant 0.82, truncated 0.96;
+untrained 0.55), safety 1.0 / 1.0 on harmful / benign. About 2 minutes on 2 idle cores.
 """
 
 import json
@@ -23,6 +24,15 @@ from align.sft import SFTConfig, run_sft
 torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These matmuls are tiny: a second thread gains little on idle cores and loses several-fold on shared ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     """A briefly SFT'd tiny model: the real starting point of the reward stage."""
@@ -39,9 +49,9 @@ def _load(path):
 
 def test_helpful_rm_ranks_held_out_pairs(sft_dir, tmp_path):
     held_out = helpful_pair_rows("test", n=300, seed=0)
-    cfg = RMConfig(model=sft_dir, train_data=[DataSource(source="bundled:helpful_pairs?n=2400")],
+    cfg = RMConfig(model=sft_dir, train_data=[DataSource(source="bundled:helpful_pairs?n=1600")],
                    eval_data=[DataSource(source="bundled:helpful_pairs?n=300", split="test")],
-                   max_len=128, max_steps=150, batch_size=16, lr=5e-4, lr_scheduler="cosine", warmup_steps=5,
+                   max_len=128, max_steps=100, batch_size=16, lr=1e-3, lr_scheduler="cosine", warmup_steps=5,
                    output_dir=str(tmp_path / "rm"))
     out = run_rm(cfg)
     model, tok = _load(out["output_path"])
@@ -55,7 +65,7 @@ def test_helpful_rm_ranks_held_out_pairs(sft_dir, tmp_path):
 
 def test_safety_rm_refuses_harm_but_helps_look_alikes(sft_dir, tmp_path):
     cfg = RMConfig(model=sft_dir, train_data=[DataSource(source="bundled:safety?n=800")], max_len=128,
-                   max_steps=40, batch_size=16, lr=5e-4, lr_scheduler="cosine", warmup_steps=5,
+                   max_steps=30, batch_size=16, lr=5e-4, lr_scheduler="cosine", warmup_steps=5,
                    output_dir=str(tmp_path / "rm"))
     out = run_rm(cfg)
     model, tok = _load(out["output_path"])

@@ -12,6 +12,7 @@ batch 32, lr 1e-3 cosine): see MEASURED below. The run takes STEPS optimizer ste
 
 import re
 
+import pytest
 import torch
 
 from align.data.loading import DataSource
@@ -22,6 +23,15 @@ from align.sft import SFTConfig, evaluate_accuracy, extract_answer, generate_ans
 torch.manual_seed(0)
 STEPS, BATCH = 200, 32
 THRESHOLD = 0.3
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These matmuls are tiny: a second thread gains little on idle cores and loses several-fold on shared ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_extract_answer():

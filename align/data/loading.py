@@ -4,6 +4,8 @@ Sources:
   path/to/file.jsonl | .json | .parquet | .csv   a local file (the `split` argument is ignored)
   bundled:NAME[?k=v&k=v]                          a generator in align.data, e.g. `bundled:reasoning?levels=1&n=500`
   org/name                                        a hub dataset (needs network; not available offline)
+Bundled names: reasoning, code, chat, helpful_pairs, safety (raw rows) and reasoning_sft, code_sft,
+chat_sft, safety_sft, sft_mixture (conversational {messages}); options n, seed, levels=1,2, weights=chat:1,code:2.
 
 Expected columns per stage (rename yours with `columns_map={"their_name": "our_name"}`):
   sft          messages                      list of {role, content}; roles system/user/assistant

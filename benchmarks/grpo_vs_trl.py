@@ -82,13 +82,14 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
     from engine.sampling import SamplingConfig
     from rewards.combine import RewardComponent
 
+    rollout_kwargs = dict(max_model_len=256, kv_cache_gib=1) if a.deepalign_backend == "vllm" else {}
     cfg = GRPOConfig(
         init_from=str(a.ckpt), data=[DataSource(source=str(a.prompts_file))],
         rewards=[RewardComponent(spec=f"_common:{a.reward}")], steps=a.steps, prompts_per_step=a.prompts_per_step,
         group_size=a.group_size, beta=a.beta, clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean",
         advantage_scale="group", seed=0, sampling=SamplingConfig(temperature=1.0, max_tokens=a.max_tokens),
         engine=EngineConfig(cluster=ClusterConfig(num_cpus=2),
-                            rollout=RolloutConfig(backend="vllm", kwargs=dict(max_model_len=256, kv_cache_gib=1)),
+                            rollout=RolloutConfig(backend=a.deepalign_backend, kwargs=rollout_kwargs),
                             optim=OptimConfig(lr=a.lr, max_grad_norm=1.0)))
     if a.profile_step:
         gt.grpo_step = profiled(gt.grpo_step, a.profile_step, work)
@@ -242,7 +243,7 @@ def launch(fw: str, a: argparse.Namespace, work: Path, profile_step: int = 0) ->
            "--prompts-file", str(a.prompts_file), "--steps", str(a.steps), "--prompts-per-step",
            str(a.prompts_per_step), "--group-size", str(a.group_size), "--max-tokens", str(a.max_tokens),
            "--lr", str(a.lr), "--beta", str(a.beta), "--eval-samples", str(a.eval_samples),
-           "--reward", a.reward, "--profile-step", str(profile_step)]
+           "--reward", a.reward, "--profile-step", str(profile_step), "--deepalign-backend", a.deepalign_backend]
     cmd += ["--trl-gradient-checkpointing"] * a.trl_gradient_checkpointing
     env = dict(os.environ)
     if fw == "deepalign" and a.deepalign_omp_threads:
@@ -327,6 +328,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--reward", default="brevity", choices=sorted(REWARDS))
     ap.add_argument("--eval-samples", type=int, default=8, help="completions per prompt for the final-model reward")
+    ap.add_argument("--deepalign-backend", default="vllm", choices=["vllm", "native"],
+                    help="deepalign's rollout backend (the comparison asked for is vLLM)")
     ap.add_argument("--deepalign-omp-threads", type=int, default=0,
                     help="OMP_NUM_THREADS for deepalign's Ray actors (0 = Ray's default: 1 per fractional-CPU actor)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",

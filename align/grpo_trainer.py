@@ -41,7 +41,10 @@ class GRPOLoss:
 
     def __call__(self, fwd, mb: dict) -> tuple[torch.Tensor, dict]:
         ref = mb.get("ref_logp") if self.beta else None
-        loss, metrics = policy_loss(fwd.logp, mb["old_logp"], ref, mb["advantages"], fwd.mask,
+        # mu == 1: the policy that sampled is the one being updated, so pi_old = pi_theta (detached) exactly
+        # and its log-probs need no separate forward pass.
+        old = mb["old_logp"] if "old_logp" in mb else fwd.logp.detach()
+        loss, metrics = policy_loss(fwd.logp, old, ref, mb["advantages"], fwd.mask,
                                     self.clip_low, self.clip_high, self.beta, self.agg, self.max_len,
                                     num_seqs=fwd.global_num_seqs, num_tokens=fwd.global_num_tokens)
         if self.balance_losses:
@@ -178,7 +181,8 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, rows: list[dict], rewards: Rew
             loads = [np.bincount(np.concatenate([r.routed_experts[layer].ravel() for r in kept]))
                      for layer in range(len(kept[0].routed_experts))]
             metrics["moe/max_over_mean_load"] = float(np.mean([ld.max() / max(ld.mean(), 1e-9) for ld in loads]))
-        batch["old_logp"] = engine.compute_logprobs(batch, "policy")
+        if cfg.mu > 1:                                       # later updates need the sampling policy's log-probs
+            batch["old_logp"] = engine.compute_logprobs(batch, "policy")
         if cfg.beta:
             batch["ref_logp"] = engine.compute_logprobs(batch, "ref")
         loss_fn = GRPOLoss(cfg.clip_low, cfg.clip_high, cfg.beta, cfg.loss_agg, cfg.sampling.max_tokens,

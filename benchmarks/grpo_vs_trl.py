@@ -88,7 +88,7 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
         rewards=[RewardComponent(spec=f"_common:{a.reward}")], steps=a.steps, prompts_per_step=a.prompts_per_step,
         group_size=a.group_size, beta=a.beta, clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean",
         advantage_scale="group", seed=0, sampling=SamplingConfig(temperature=1.0, max_tokens=a.max_tokens),
-        engine=EngineConfig(cluster=ClusterConfig(num_cpus=2),
+        engine=EngineConfig(cluster=ClusterConfig(num_cpus=2, rollout_num_cpus=2, train_num_cpus=2),  # one 2-CPU bundle
                             rollout=RolloutConfig(backend=a.deepalign_backend, kwargs=rollout_kwargs),
                             optim=OptimConfig(lr=a.lr, max_grad_norm=1.0)))
     if a.profile_step:

@@ -133,8 +133,10 @@ class Cluster:
 
     def _options(self, bundle: int, share: float) -> dict[str, Any]:
         b = self.bundles[bundle]
+        threads = self.cfg.actor_threads or max(1, int(b["CPU"]))
         return {
             "num_cpus": b["CPU"] * share,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
             "num_gpus": b.get("GPU", 0.0) * share,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=bundle,

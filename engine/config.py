@@ -27,6 +27,9 @@ class ClusterConfig(BaseModel):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     rollout_num_cpus: float = Field(1.0, gt=0, description="CPUs of the rollout actor's bundle")
     train_num_cpus: float = Field(1.0, gt=0, description="CPUs per training rank")
+    actor_threads: int | None = Field(
+        None, ge=1, description="torch/OpenMP threads per actor; None = all CPUs of its bundle (colocated actors "
+                                "take turns, so each phase gets the whole bundle; Ray's default would be 1)")
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has any")
     rollout_resources: dict[str, float] = Field(
         default_factory=dict, description="custom resources the rollout bundle needs (pins it to nodes); "

@@ -55,7 +55,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ray_session, ckpt, tmp_path_factory):
-    eng = HybridEngine(ClusterConfig(placement="colocated"), RolloutConfig(), OPTIM,
+    eng = HybridEngine(ClusterConfig(placement="colocated", actor_threads=2), RolloutConfig(), OPTIM,
                        TrainConfig(dp_world_size=2, reference=True), ckpt, tmp_path_factory.mktemp("run"),
                        OffloadConfig(mode="real"), model_factory=tiny_policy, rollout_backend=HFGenerateRollout)
     yield eng
@@ -201,3 +201,9 @@ def test_a_backend_that_fails_to_start_gives_its_reason(ray_session, ckpt, tmp_p
                      TrainConfig(), ckpt, tmp_path / "run", model_factory=tiny_policy,
                      rollout_backend=HFGenerateRollout)
     assert live_groups() == before                              # its placement group was released
+
+
+def test_actors_get_the_configured_thread_count(engine):
+    """Colocated actors take turns, so each phase may use every core (Ray alone would give each 1 thread)."""
+    for actor in (engine.workers[0], engine.workers[1], engine.rollout):
+        assert ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads())) == 2

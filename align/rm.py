@@ -17,6 +17,7 @@ from trl import RewardConfig, RewardTrainer
 
 from align.data.loading import DataSource, load_sources
 from align.models import load_reward_model, load_tokenizer, save_atomically
+from align.trl_args import shared_trainer_args
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -65,32 +66,7 @@ def run_rm(cfg: RMConfig) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_reward_model(cfg.model)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    cuda = torch.cuda.is_available()
-    args = RewardConfig(
-        output_dir=str(Path(cfg.output_dir) / "trainer"),
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        max_length=cfg.max_len,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        gradient_checkpointing=False,
-        logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = RewardConfig(**shared_trainer_args(cfg), center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=to_implicit_pairs(train_rows), processing_class=tokenizer
     )

@@ -19,6 +19,7 @@ from trl import SFTTrainer
 from align.data.loading import DataSource, load_sources
 from align.errors import UserError
 from align.models import PRESETS, load_policy, load_tokenizer, save_atomically
+from align.trl_args import shared_trainer_args
 
 
 class LoraSettings(BaseModel):
@@ -74,33 +75,7 @@ class SFTConfig(BaseModel):
 
 
 def _trl_args(cfg: SFTConfig) -> TRLSFTConfig:
-    cuda = torch.cuda.is_available()
-    return TRLSFTConfig(
-        output_dir=str(Path(cfg.output_dir) / "trainer"),
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),  # TRL defaults to bf16, which CPUs run slowly or not at all
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        max_length=cfg.max_len,
-        packing=cfg.packing,
-        assistant_only_loss=True,
-        gradient_checkpointing=False,  # tiny models: recompute costs more than it saves
-        logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    return TRLSFTConfig(**shared_trainer_args(cfg), packing=cfg.packing, assistant_only_loss=True)
 
 
 def run_sft(cfg: SFTConfig) -> dict:

@@ -64,6 +64,8 @@ class OptimConfig(BaseModel):
     total_steps: int | None = Field(None, ge=1, description="needed by cosine/linear decay")
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     max_grad_norm: float | None = Field(1.0, gt=0, description="None = no clipping")
+    fused: bool = Field(True, description="torch's fused AdamW kernel (CPU and CUDA); False = the per-tensor loop, "
+                                          "which took ~19% of a 100M-parameter CPU train step")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per forward/backward on one rank")
     grad_accum: int | None = Field(None, ge=1, description="micro-batches per rank per step (instead of size)")
 

@@ -192,7 +192,7 @@ class TrainWorker:
         model.train()
         o = self.optim_cfg
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                      weight_decay=o.weight_decay)
+                                      weight_decay=o.weight_decay, fused=o.fused)
         name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[o.schedule]
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=o.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)

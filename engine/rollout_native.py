@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import model
+from model.checkpoint import PER_EXPERT
 from model.generate import sample
 
 from .sampling import Rollout, SamplingConfig
@@ -69,17 +70,29 @@ class NativeRollout:
 
     @torch.no_grad()
     def load_weights(self, named_arrays: Iterable[tuple[str, np.ndarray]]) -> float:
-        """Refit from checkpoint-named arrays (per-expert names are stacked back into the fused params)."""
+        """Refit from checkpoint-named arrays. Each per-expert matrix is copied into its slice of the fused
+        3-D param, so a refit bucket may hold any subset of a layer's experts."""
         t0 = time.perf_counter()
-        named = {n: torch.from_numpy(np.asarray(a)) for n, a in named_arrays}
-        fused = model.from_checkpoint_tensors(named)
         params = dict(self.network.named_parameters())
         params.update(self.network.named_buffers())
-        unknown = [n for n in fused if n not in params]
-        if unknown:
-            raise KeyError(f"refit sent tensors the rollout model does not have: {unknown[:3]}")
-        for name, value in fused.items():
-            params[name].copy_(value)
+        for name, array in named_arrays:
+            value = torch.from_numpy(np.asarray(array))
+            m = PER_EXPERT.match(name)
+            if m is None:
+                target = params.get(name)
+            else:
+                prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
+                fused = params.get(f"{prefix}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}")
+                if fused is None:
+                    target = None
+                elif kind == "down_proj":
+                    target = fused[e]                                    # [H, I]
+                else:
+                    inter = fused.shape[1] // 2                          # gate_up [E, 2I, H]: gate rows, then up
+                    target = fused[e, :inter] if kind == "gate_proj" else fused[e, inter:]
+            if target is None:
+                raise KeyError(f"refit sent a tensor the rollout model does not have: {name}")
+            target.copy_(value)
         return time.perf_counter() - t0
 
     def sleep(self) -> None:  # nothing to free on the CPU path

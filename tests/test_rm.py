@@ -24,13 +24,7 @@ from align.sft import SFTConfig, run_sft
 torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These matmuls are tiny: a second thread gains little on idle cores and loses several-fold on shared ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ STEPS, BATCH = 200, 32
 THRESHOLD = 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These matmuls are tiny: a second thread gains little on idle cores and loses several-fold on shared ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_extract_answer():

@@ -10,6 +10,7 @@ One step:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -255,7 +256,7 @@ class MetricsLog:
                 from align.errors import UserError
                 raise UserError("grpo.wandb_project: the wandb package is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=config, resume="allow",
-                                    id=f"deepalign-{abs(hash(str(output_dir.resolve()))) % 10**10}")
+                                    id="deepalign-" + hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:16])
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

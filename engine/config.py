@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.vllm_mode import VLLMOptions
+
 
 class ClusterConfig(BaseModel):
     """Where the Ray actors live. address=None starts a private local Ray; otherwise join that cluster."""
@@ -47,7 +49,11 @@ class RolloutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["auto", "vllm", "native"] = Field("auto", description="auto = vLLM when importable")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the backend constructor")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions,
+                              description="how vLLM runs (precision, dtype, attention backend, max_model_len); "
+                                          "see engine.vllm_mode. Ignored by the native backend")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the backend constructor "
+                                                                     "(over the vllm block's values)")
     refit_bucket_mb: float = Field(64.0, gt=0, description="weight-sync bucket size")
 
 

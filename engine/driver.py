@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,33 @@ def _from_pretrained(model_dir: str):
 def pretrained_factory(model_dir: str | os.PathLike) -> ModelFactory:
     """The default policy factory: our network loaded from an HF checkpoint dir (picklable for Ray)."""
     return functools.partial(_from_pretrained, str(model_dir))
+
+
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
+
+
+def init_failure_cause(e: BaseException) -> str:
+    """One line naming what an actor's constructor raised: `Type: first line of its message`.
+
+    Ray wraps the constructor's exception (traceback text included) in an ActorDiedError; the
+    original exception is its `.cause` (or the cause's `.cause`) when Ray could pickle it, else we
+    take the last `SomethingError: message` line of the traceback text.
+    """
+    cause: Any = e
+    for _ in range(4):
+        inner = getattr(cause, "cause", None)
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    if cause is not e and not hasattr(cause, "actor_init_failed"):
+        text = str(cause).strip()
+        first = text.splitlines()[0].strip() if text else ""
+        return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    found = [m for m in map(_ERROR_LINE.match, lines) if m and m.group(1) not in ("RayTaskError", "ActorDiedError")]
+    if found:
+        return f"{found[-1].group(1)}: {found[-1].group(2)}"
+    return lines[-1] if lines else type(e).__name__
 
 
 class HybridEngine:
@@ -85,7 +113,7 @@ class HybridEngine:
         mode = resolve_mode(self.offload_cfg.mode, cuda=gpu)
         backend = rollout_backend if rollout_backend is not None else self.rollout_cfg.backend
         self.rollout = c.track(ray.remote(RolloutWorker).options(**c.rollout_options()).remote(
-            backend, self.model_dir, **self.rollout_cfg.kwargs))
+            backend, self.model_dir, self.rollout_cfg.vllm.constructor_kwargs(), **self.rollout_cfg.kwargs))
         train_cls = ray.remote(TrainWorker)
         self.workers = [c.track(train_cls.options(**c.train_options(r)).remote(
             model_factory, ref_factory, self.optim_cfg, self.train_cfg, r, n, mode)) for r in range(n)]
@@ -145,8 +173,7 @@ class HybridEngine:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             who = role or ("rollout" if "rollout" in what else "training")
             if getattr(e, "actor_init_failed", False):      # the constructor raised: say what it raised
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                self._broken = f"{who} actor failed to start: {lines[-1] if lines else type(e).__name__}"
+                self._broken = f"{who} actor failed to start: {init_failure_cause(e)}"
             else:
                 self._broken = f"{who} actor died during {what} ({type(e).__name__}); restart the run to continue"
         raise EngineError(self._broken) from None

@@ -32,6 +32,7 @@ import torch
 
 from engine.refit import NamedArray, RefitStats, buckets
 from engine.sampling import Rollout, SamplingConfig
+from engine.vllm_mode import Dtype, Precision, choose_vllm_mode, cpu_has_amx, log_mode_once
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +51,40 @@ def _eos_token_ids(model_dir: Path) -> list[int]:
     return []
 
 
+def _max_positions(model_dir: Path) -> int | None:
+    path = model_dir / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class VLLMRollout:
     """Sampling + in-place weight refit on top of vllm.LLM."""
 
     def __init__(
         self,
         model_dir: str | os.PathLike,
-        dtype: str = "float32",
+        precision: Precision = "auto",
+        dtype: Dtype | None = None,
+        attention_backend: str | None = None,
         seed: int = 0,
-        max_model_len: int = 2048,
+        max_model_len: int | None = None,
         kv_cache_gib: float | None = None,
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool | None = None,
         return_routed_experts: bool = False,
-        logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs",
+        logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "processed_logprobs",
     ) -> None:
-        """kv_cache_gib: KV-cache size (CPU default 1 GiB; on GPU it overrides gpu_memory_utilization).
+        """precision / dtype / attention_backend: see engine.vllm_mode (auto = bf16 on AMX CPUs and
+        GPUs, fp32 with the reference CPU_MLA kernel elsewhere; exact = fp32 CPU_MLA everywhere).
+        max_model_len: None = the checkpoint's max_position_embeddings (vLLM refuses more).
+        kv_cache_gib: KV-cache size (CPU default 1 GiB; on GPU it overrides gpu_memory_utilization).
         enforce_eager: None = eager on CPU, CUDA graphs on GPU.
-        logprobs_mode: "raw_logprobs" = log-probs of the unmodified model (what the trainer
-        recomputes); "processed_logprobs" = after temperature/top-k/top-p.
+        logprobs_mode: "processed_logprobs" (default) = log-probs under the distribution that sampled
+        (after temperature; top-k/top-p renormalise over the kept tokens), which is what GRPO's
+        importance correction needs; "raw_logprobs" = the unmodified model's.
         """
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -76,6 +92,15 @@ class VLLMRollout:
         self.on_cpu = not torch.cuda.is_available()
         self.has_tokenizer = any((self.model_dir / f).exists() for f in TOKENIZER_FILES)
         self.eos_token_ids = _eos_token_ids(self.model_dir)
+        self.mode = choose_vllm_mode(on_gpu=not self.on_cpu, has_amx=self.on_cpu and cpu_has_amx(),
+                                     precision=precision, dtype=dtype, attention_backend=attention_backend)
+        log_mode_once(self.mode)
+        limit = _max_positions(self.model_dir)
+        if max_model_len is None:
+            max_model_len = limit or 2048
+        elif limit is not None and max_model_len > limit:
+            raise ValueError(f"vllm.max_model_len {max_model_len} exceeds the checkpoint's max_position_embeddings "
+                             f"{limit} ({self.model_dir / 'config.json'})")
 
         # Must be set before vLLM reads its environment (at import / engine creation).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -103,6 +128,8 @@ class VLLMRollout:
             if return_routed_experts:
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
                 kwargs.update(enable_return_routed_experts=True, enable_prefix_caching=True)
+        if self.mode.attention_backend is not None:
+            kwargs["attention_config"] = {"backend": self.mode.attention_backend}
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         self.prefix_caching = kwargs.get("enable_prefix_caching", not self.on_cpu)
@@ -115,7 +142,7 @@ class VLLMRollout:
         t0 = time.perf_counter()
         self.llm = LLM(
             model=str(self.model_dir),
-            dtype=dtype,
+            dtype=self.mode.dtype,
             seed=seed,
             max_model_len=max_model_len,
             skip_tokenizer_init=not self.has_tokenizer,

@@ -31,15 +31,19 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def build_backend(backend: str | Callable[..., Any], model_dir: str | os.PathLike | None, **kwargs):
-    """Instantiate a backend by name (lazy import) or by calling a factory."""
+def build_backend(backend: str | Callable[..., Any], model_dir: str | os.PathLike | None,
+                  vllm_options: dict[str, Any] | None = None, **kwargs):
+    """Instantiate a backend by name (lazy import) or by calling a factory.
+
+    vllm_options (engine.vllm_mode.VLLMOptions as a dict) go to the vLLM backend only; kwargs win over them.
+    """
     if callable(backend):
         return backend(model_dir, **kwargs)
     name = resolve_backend(backend)
     if name == "vllm":
         from .rollout_vllm import VLLMRollout
 
-        return VLLMRollout(model_dir, **kwargs)
+        return VLLMRollout(model_dir, **{**(vllm_options or {}), **kwargs})
     from .rollout_native import NativeRollout
 
     return NativeRollout(model_dir, **kwargs)
@@ -49,10 +53,10 @@ class RolloutWorker:
     """Holds one backend; the weight version counts refits so the driver can tell stale rollouts."""
 
     def __init__(self, backend: str | Callable[..., Any] = "auto", model_dir: str | os.PathLike | None = None,
-                 **kwargs: Any):
+                 vllm_options: dict[str, Any] | None = None, **kwargs: Any):
         self.model_dir = model_dir
         self.backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
-        self.impl = build_backend(backend, model_dir, **kwargs)
+        self.impl = build_backend(backend, model_dir, vllm_options, **kwargs)
         self.version = 0
         self.asleep = False
 

@@ -75,9 +75,9 @@ def eval_reward(model_dir: Path, prompts_file: Path, reward: str, samples: int, 
 
 # ----------------------------------------------------------------------------------------- children
 def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
-    import align.grpo_trainer as gt
+    import align.grpo.loop as gt
     from align.data.loading import DataSource
-    from align.grpo_config import GRPOConfig
+    from align.grpo.config import GRPOConfig
     from engine.config import ClusterConfig, EngineConfig, OptimConfig, RolloutConfig
     from engine.sampling import SamplingConfig
     from rewards.combine import RewardComponent

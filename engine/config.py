@@ -98,6 +98,8 @@ class TrainConfig(BaseModel):
     reference: bool = Field(False, description="keep a frozen copy of the initial policy as reference model")
     entropy_grad: bool = Field(False, description="let gradients flow through fwd.entropy (entropy bonus)")
     logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
+    logprob_micro_batch_size: int | None = Field(
+        None, ge=1, description="rows per forward in compute_logprobs (no gradients); None = the optimiser's")
 
 
 class OffloadConfig(BaseModel):

@@ -208,14 +208,15 @@ class HybridEngine:
             self._refresh_sizes()                           # AdamW state exists only after the first step
         return metrics
 
-    def compute_logprobs(self, batch: dict[str, np.ndarray], which: str = "policy") -> np.ndarray:
-        """Per-token log-probs [B, T-1] of the shifted input_ids under the policy or the reference model."""
+    def compute_logprobs(self, batch: dict[str, np.ndarray], which: str = "policy", mode: str = "eval") -> np.ndarray:
+        """Per-token log-probs [B, T-1] of the shifted input_ids under the policy or the reference model;
+        mode="train" scores in training mode (what the next train_step's forward computes)."""
         if which not in ("policy", "ref"):
             raise ValueError(f"compute_logprobs: which must be 'policy' or 'ref', got {which!r}")
         if which == "ref" and not self.has_ref:
             raise ValueError("compute_logprobs(which='ref') but the engine has no reference model (train.reference)")
         self.enter_phase("policy" if which == "policy" else "reference")
-        parts = self._get([w.compute_logprobs.remote(s, which) for w, s in zip(self.workers, self._shards(batch))],
+        parts = self._get([w.compute_logprobs.remote(s, which, mode) for w, s in zip(self.workers, self._shards(batch))],
                           f"compute_logprobs({which})")
         return np.concatenate(parts)
 

@@ -1,7 +1,10 @@
 """The `native` rollout backend: our absorbed-MLA decode (model/generate.py), batched.
 
 Same interface and outputs as the vLLM backend. It is the fallback where vLLM is absent,
-and it can return the routed experts of every token for routing replay (vLLM cannot).
+and it returns the routed experts of every token (per MoE layer) for routing replay.
+Log-probs: logprobs_mode="processed_logprobs" (default) = of the distribution sampled from, after
+temperature/top-k/top-p (what the trainer's importance correction compares against);
+"raw_logprobs" = of the unmodified model, as vLLM's modes.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import model
 from model.checkpoint import PER_EXPERT
 from model.generate import sample
 
-from .sampling import Rollout, SamplingConfig
+from .sampling import Rollout, SamplingConfig, compact_experts
 
 
 def _truncate_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[list[int], str, bool]:
@@ -31,7 +34,11 @@ def _truncate_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tupl
 
 class NativeRollout:
     def __init__(self, model_dir: str | os.PathLike | None = None, network=None, max_batch: int = 64,
-                 device: str = "cpu", capture_routing: bool = True):
+                 device: str = "cpu", capture_routing: bool = True,
+                 logprobs_mode: str = "processed_logprobs"):
+        if logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
+            raise ValueError(f"logprobs_mode must be processed_logprobs or raw_logprobs, got {logprobs_mode!r}")
+        self.logprobs_mode = logprobs_mode.split("_")[0]
         if network is None:
             network = model.from_pretrained(model_dir, device=device)
         self.network = network.eval()
@@ -52,7 +59,8 @@ class NativeRollout:
             chunk = jobs[b:b + self.max_batch]
             seed = None if sampling.seed is None else sampling.seed + b
             samples = sample(self.network, [p for _, p in chunk], sampling.max_tokens, sampling.temperature,
-                             sampling.top_k, sampling.top_p, stops, seed=seed, return_routing=self.capture_routing)
+                             sampling.top_k, sampling.top_p, stops, seed=seed, return_routing=self.capture_routing,
+                             logprobs_mode=self.logprobs_mode)
             for (i, prompt), s in zip(chunk, samples):
                 tokens, logprobs, finish = s.token_ids, s.logprobs, s.finish_reason
                 text = ""
@@ -63,7 +71,8 @@ class NativeRollout:
                         finish, logprobs = "stop", logprobs[:len(tokens)]
                 routing = None
                 if s.routed_experts is not None:
-                    routing = [r[:len(prompt) + len(tokens)].numpy().astype(np.int32) for r in s.routed_experts]
+                    routing = compact_experts([r[:len(prompt) + len(tokens)].numpy() for r in s.routed_experts],
+                                              self.network.config.n_routed_experts)
                 rollouts.append(Rollout(i, list(prompt), tokens, logprobs if sampling.logprobs else None,
                                         text, finish, routing))
         return rollouts

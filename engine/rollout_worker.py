@@ -5,11 +5,17 @@ engine.rollout_vllm.VLLMRollout, "native" is engine.rollout_native.NativeRollout
 decode), "auto" picks vLLM when it is importable. A callable may be passed instead of a name
 (tests use an HF-generate stand-in); it is called as backend(model_dir, **kwargs).
 Plain class so it can run in-process; the driver wraps it with ray.remote.
+
+Routing replay alignment: whatever layers a backend returns routed experts for (vLLM: every
+decoder layer, dense ones included; native: the MoE layers), the worker hands back exactly the MoE
+layers, in MoE-layer order (model.network.moe_layer_indices of the checkpoint's config), as compact
+integer arrays, which is how the trainer's model indexes replay.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -18,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .sampling import Rollout, SamplingConfig
+from .sampling import Rollout, SamplingConfig, compact_experts
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,34 @@ def resolve_backend(backend: str) -> str:
     if backend not in ("vllm", "native"):
         raise ValueError(f"rollout backend must be auto|vllm|native, got {backend!r}")
     return backend
+
+
+def moe_layout(model_dir: str | os.PathLike | None) -> tuple[int, list[int], int | None] | None:
+    """(num_hidden_layers, MoE layer indices, n_routed_experts) from the checkpoint's config.json, or None."""
+    from types import SimpleNamespace
+
+    from model.network import moe_layer_indices
+
+    path = Path(model_dir) / "config.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    cfg = SimpleNamespace(**json.loads(path.read_text()))
+    return cfg.num_hidden_layers, moe_layer_indices(cfg), getattr(cfg, "n_routed_experts", None)
+
+
+def align_routing(routed: list[np.ndarray], layout: tuple[int, list[int], int | None] | None) -> list[np.ndarray]:
+    """Routed experts per MoE layer in MoE-layer order, from per-decoder-layer or per-MoE-layer lists."""
+    if layout is None:
+        return compact_experts(routed, None) if routed else routed
+    num_layers, moe_layers, n_experts = layout
+    if len(routed) == len(moe_layers):
+        picked = routed
+    elif len(routed) == num_layers:
+        picked = [routed[i] for i in moe_layers]
+    else:
+        raise ValueError(f"rollout returned routed experts for {len(routed)} layers; the model has {num_layers} "
+                         f"decoder layers of which {len(moe_layers)} are MoE")
+    return compact_experts(picked, n_experts)
 
 
 def build_backend(backend: str | Callable[..., Any], model_dir: str | os.PathLike | None,
@@ -70,7 +104,11 @@ class RolloutWorker:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         if self.asleep:
             raise RuntimeError("rollout engine is asleep; wake() it (enter the rollout phase) before generate")
-        return self.impl.generate(prompt_token_ids, sampling)
+        rollouts = self.impl.generate(prompt_token_ids, sampling)
+        for r in rollouts:
+            if r.routed_experts is not None:
+                r.routed_experts = align_routing(r.routed_experts, self.layout)
+        return rollouts
 
     def load_weights(self, named: Iterable[tuple[str, np.ndarray]]) -> tuple[int, int]:
         """Load one bucket of checkpoint-named arrays; returns (tensors, bytes) for refit stats."""

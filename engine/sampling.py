@@ -37,9 +37,11 @@ class Rollout:
     """One sampled completion of one prompt.
 
     logprobs are the sampling engine's log-probs of the sampled tokens (float32 values, one per
-    token in token_ids), or None when not requested. routed_experts, when the backend can capture
-    them, is one int array [tokens run through the model (prompt + completion), k] per decoder
-    layer (vLLM sizes it by num_hidden_layers; the rows of dense layers carry no routing).
+    token in token_ids) under the distribution it sampled from (after temperature; vLLM's
+    processed_logprobs), or None when not requested. routed_experts, when the backend can capture
+    them, is one compact int array (uint8/int16, see compact_experts) [tokens run through the model
+    (prompt + completion), k] per MoE layer, in MoE-layer order: backends that return every decoder
+    layer (vLLM sizes it by num_hidden_layers) are cut down to the MoE layers by the rollout worker.
     """
 
     prompt_index: int
@@ -49,3 +51,18 @@ class Rollout:
     text: str
     finish_reason: FinishReason
     routed_experts: list[np.ndarray] | None = None
+
+
+def compact_dtype(n_experts: int | None) -> np.dtype:
+    """The smallest integer type that holds expert ids 0..n_experts-1 (uint8 up to 256 experts)."""
+    if n_experts is not None and n_experts <= 256:
+        return np.dtype(np.uint8)
+    if n_experts is not None and n_experts <= 32768:
+        return np.dtype(np.int16)
+    return np.dtype(np.int32)
+
+
+def compact_experts(routed: list[np.ndarray], n_experts: int | None) -> list[np.ndarray]:
+    """Routed-expert arrays in compact_dtype(n_experts) (they travel rollout -> driver -> trainer)."""
+    dtype = compact_dtype(n_experts)
+    return [np.ascontiguousarray(np.asarray(r), dtype=dtype) for r in routed]

@@ -14,7 +14,15 @@ by rows, so per-sequence means come out exact. The reported "loss" is the sum of
 
 Batch keys (numpy, rows = sequences): input_ids [B, T] (required); attention_mask [B, T]; loss_mask
 [B, T] (1 where input token t is scored, i.e. predicted from t-1; aligned with input_ids);
-position_ids and routed_experts (passed to the model); anything else is passed through to loss_fn.
+position_ids and routed_experts (passed to the model); temperature (a scalar: the sampling
+temperature, see below); anything else is passed through to loss_fn.
+
+Temperature: tokens sampled at temperature τ came from softmax(z / τ), so the forward scores them
+under that distribution: logits are divided by the batch's `temperature` (policy and reference
+alike; absent, 0 (greedy) or 1 = raw logits). This is a property of the sampling distribution, not
+RL maths. Top-k / top-p truncation is not applied: the trainer's π(o_t) is the tempered, untruncated
+probability, so for a sampled token it is the sampler's truncated probability times the kept mass
+(<= 1). A loss that compares against the sampler's own log-probs sees that as a mismatch.
 Plain class so tests can run it in-process; the driver wraps it with ray.remote.
 """
 
@@ -69,6 +77,12 @@ class Forward:
     def seq_mean(self, per_seq: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of a mean over all sequences of the global batch."""
         return per_seq.sum() / max(self.global_num_seqs, 1)
+
+    def token_mean_metric(self, values: torch.Tensor) -> float:
+        """A metric value that the engine's row-weighted averaging over micro-batches and ranks turns
+        into the exact token mean of `values` over the whole global batch."""
+        rows = values.shape[0]
+        return float((values * self.mask).sum()) / max(self.global_num_tokens, 1.0) * self.global_num_seqs / max(rows, 1)
 
 
 LossFn = Callable[[Forward, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -261,12 +275,16 @@ class TrainWorker:
         return t.tolist()
 
     # -- forward -------------------------------------------------------------------------------
-    def _micro_batches(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    def _micro_batches(self, batch: dict[str, Any], rows: int | None = None) -> list[dict[str, Any]]:
+        """The optimiser's micro-batching (micro_batch_size or grad_accum), or `rows` per micro-batch."""
         B = num_rows(batch)
         if B == 0:
             return []
         o = self.optim_cfg
-        parts = o.grad_accum if o.grad_accum else (-(-B // o.micro_batch_size) if o.micro_batch_size else 1)
+        if rows is not None:
+            parts = -(-B // rows)
+        else:
+            parts = o.grad_accum if o.grad_accum else (-(-B // o.micro_batch_size) if o.micro_batch_size else 1)
         return [mb for mb in split_rows(batch, even_slices(B, min(parts, B))) if num_rows(mb)]
 
     def _tensors(self, mb: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -288,6 +306,9 @@ class TrainWorker:
             out = model(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         logits = logits[:, :-1]
+        temperature = float(t["temperature"]) if "temperature" in t else 1.0
+        if temperature > 0 and temperature != 1.0:                 # score under the sampling distribution
+            logits = logits / temperature
         labels = t["input_ids"][:, 1:]
         chunk = self.train_cfg.logprob_chunk_tokens
         logp = token_logprobs(logits, labels, chunk)
@@ -381,18 +402,24 @@ class TrainWorker:
         return dict(total)
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: dict[str, Any], which: str = "policy") -> np.ndarray:
-        """Per-token log-probs [B, T-1] (float32) of the shifted input_ids under the policy or reference model."""
+    def compute_logprobs(self, batch: dict[str, Any], which: str = "policy", mode: str = "eval") -> np.ndarray:
+        """Per-token log-probs [B, T-1] (float32) of the shifted input_ids under the policy or reference model.
+
+        mode="train" runs the module in training mode (token dropping as in train_step), so that the
+        log-probs equal what the next train_step's forward computes; the reference is always in eval
+        mode. Micro-batches: train.logprob_micro_batch_size rows, else the optimiser's micro-batching."""
+        if mode not in ("eval", "train"):
+            raise ValueError(f"compute_logprobs: mode must be 'eval' or 'train', got {mode!r}")
         if which not in ("policy", "ref"):
             raise ValueError(f"compute_logprobs: which must be 'policy' or 'ref', got {which!r}")
         if which == "ref" and self.ref is None:
             raise ValueError("compute_logprobs(which='ref') but the engine has no reference model (train.reference)")
         self._require(which)
         model = self.model if which == "policy" else self.ref
-        model.eval()
+        model.train(mode == "train" and which == "policy")
         ids = np.asarray(batch["input_ids"])
         out = [np.zeros((0, max(ids.shape[1] - 1, 0)), dtype=np.float32)]
-        for mb in self._micro_batches(batch):
+        for mb in self._micro_batches(batch, self.train_cfg.logprob_micro_batch_size):
             fwd = self._forward(model, self._tensors(mb), False, (0.0, 0))
             out.append(fwd.logp.float().cpu().numpy())
         return np.concatenate(out)

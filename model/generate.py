@@ -1,8 +1,9 @@
 """Batched sampling on the absorbed-MLA decode path (the `native` rollout backend and `generate()`).
 
 Prompts are left-padded into one batch; every step feeds one token per row and appends
-its (c_KV, k_R) to the latent cache. Log-probabilities are those of the raw model
-distribution (before temperature / top-k / top-p), as vLLM reports them.
+its (c_KV, k_R) to the latent cache. Log-probabilities are those of the distribution the token was
+drawn from (after temperature, top-k and top-p: vLLM's "processed_logprobs"), or with
+logprobs_mode="raw" those of the raw model distribution (vLLM's "raw_logprobs").
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 @torch.no_grad()
 def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, stop_token_ids: list[int] | tuple = (), seed: int | None = None,
-           return_routing: bool = False) -> list[Sample]:
+           return_routing: bool = False, logprobs_mode: str = "processed") -> list[Sample]:
+    if logprobs_mode not in ("processed", "raw"):
+        raise ValueError(f"logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
     device = next(network.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
@@ -63,12 +66,13 @@ def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: 
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1] + 1
     for t in range(max_new_tokens):
-        logp = logits.log_softmax(-1)
         if temperature <= 1e-5:
+            logp = logits.log_softmax(-1)
             tok = logits.argmax(-1)
         else:
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            filtered = filter_logits(logits, temperature, top_k, top_p)
+            logp = (filtered if logprobs_mode == "processed" else logits).log_softmax(-1)
+            tok = torch.multinomial(filtered.softmax(-1), 1, generator=gen)[:, 0]
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out_tokens[:, t] = tok
         out_logp[:, t] = logp.gather(1, tok[:, None])[:, 0]

@@ -3,7 +3,7 @@
 Adds what transformers' DeepseekV2 lacks, with the same parameter names:
 - group-limited ("device-limited") routing, softmax (V2) or sigmoid + bias (V3) gating;
 - the three balance losses of §2.2.3 (expert, device, communication level);
-- capacity-based token dropping (§2.2.4), training only;
+- capacity-based token dropping (§2.2.4), training only; capacity per batch or per sequence;
 - routing capture and replay (the experts chosen at rollout can be forced in training);
 - per-layer load statistics and the V3 auxiliary-loss-free bias update.
 """
@@ -110,19 +110,37 @@ class RoutedExperts(nn.Module):
         return out
 
 
-def capacity_keep(routing: Routing, n_experts: int, capacity_factor: float) -> torch.Tensor:
-    """Token dropping: each expert keeps its C = ceil(cf * N * k / E) highest-affinity assignments. -> [N, k] bool."""
+def capacity_keep(routing: Routing, n_experts: int, capacity_factor: float,
+                  token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token dropping: each expert keeps its C highest-affinity assignments. -> [N, k] bool.
+
+    Without token_mask: C = ceil(cf * N * k / E) over the whole batch (DeepSeek-V2 §2.2.4). With
+    token_mask [B, T] (N = B*T): per sequence b, C_b = ceil(cf * T_b * k / E) with T_b its valid
+    tokens, and padding never takes a slot, so a sequence's decisions do not depend on which other
+    sequences share its micro-batch (RL needs that: log-prob and training passes split differently)."""
     N, k = routing.indices.shape
-    capacity = math.ceil(capacity_factor * N * k / n_experts)
     expert = routing.indices.reshape(-1)
+    device = expert.device
+    if token_mask is None:
+        group, n_groups = expert, n_experts
+        capacity = torch.full((n_experts,), math.ceil(capacity_factor * N * k / n_experts), device=device)
+        valid = torch.ones_like(expert, dtype=torch.bool)
+    else:
+        B = token_mask.shape[0]
+        seq = torch.arange(B, device=device).repeat_interleave(N // B * k)
+        group, n_groups = seq * n_experts + expert, B * n_experts
+        per_seq = torch.ceil(capacity_factor * token_mask.reshape(B, -1).sum(1).double() * k / n_experts).long()
+        capacity = per_seq.repeat_interleave(n_experts)
+        valid = token_mask.reshape(-1, 1).expand(N, k).reshape(-1).bool()
     affinity = routing.scores.gather(1, routing.indices).reshape(-1)
+    affinity = torch.where(valid, affinity, torch.full_like(affinity, -1.0))    # padding ranks last
     by_affinity = affinity.argsort(descending=True, stable=True)
-    by_expert = by_affinity[expert[by_affinity].argsort(stable=True)]           # grouped by expert, best first
-    counts = torch.bincount(expert, minlength=n_experts)
+    by_group = by_affinity[group[by_affinity].argsort(stable=True)]            # grouped, best first
+    counts = torch.bincount(group, minlength=n_groups)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(expert)
-    rank[by_expert] = torch.arange(expert.numel(), device=expert.device) - starts[expert[by_expert]]
-    return (rank < capacity).view(N, k)
+    rank = torch.empty_like(group)
+    rank[by_group] = torch.arange(group.numel(), device=device) - starts[group[by_group]]
+    return ((rank < capacity[group]) & valid).view(N, k)
 
 
 def balance_losses(routing: Routing, token_mask: torch.Tensor, batch: int, n_devices: int, m_devices: int,
@@ -174,6 +192,7 @@ class MoE(nn.Module):
         self.n_devices = getattr(config, "balance_devices", None) or (config.n_group or 1)
         self.m_devices = min(config.topk_group or self.n_devices, self.n_devices)
         self.capacity_factor = getattr(config, "capacity_factor", None)
+        self.capacity_per_sequence = bool(getattr(config, "capacity_per_sequence", False))
         self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)  # assignments since reset
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor, replay: torch.Tensor | None = None):
@@ -183,7 +202,8 @@ class MoE(nn.Module):
         routing = self.gate(flat, replay)
         keep = None
         if self.training and self.capacity_factor:
-            keep = capacity_keep(routing, self.n_experts, self.capacity_factor)
+            keep = capacity_keep(routing, self.n_experts, self.capacity_factor,
+                                 token_mask if self.capacity_per_sequence else None)
         y = self.experts(flat, routing.indices, routing.weights, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

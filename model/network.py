@@ -22,11 +22,19 @@ from .rope import RotaryEmbedding
 MASKED = torch.finfo(torch.float32).min
 
 
+def moe_layer_indices(config) -> list[int]:
+    """Decoder layers that are MoE (the others are dense MLPs): those from first_k_dense_replace on.
+    Routing capture and replay are indexed by position in this list, not by decoder layer."""
+    if getattr(config, "n_routed_experts", None) is None:
+        return []
+    return [i for i in range(config.num_hidden_layers) if i >= (getattr(config, "first_k_dense_replace", 0) or 0)]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.self_attn = MLA(config, layer_idx)
-        self.is_moe = config.n_routed_experts is not None and layer_idx >= config.first_k_dense_replace
+        self.is_moe = layer_idx in moe_layer_indices(config)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -161,6 +169,14 @@ class DeepseekV2PreTrained(PreTrainedModel):
         for layer in self.model.layers:
             if layer.is_moe:
                 layer.mlp.load.zero_()
+
+    def set_token_dropping(self, capacity_factor: float | None, per_sequence: bool = True) -> None:
+        """Turn capacity-based token dropping (training mode only) on with this factor, or off with None;
+        per_sequence computes capacity per sequence (see moe.capacity_keep). The config is left as saved."""
+        for layer in self.model.layers:
+            if layer.is_moe:
+                layer.mlp.capacity_factor = capacity_factor
+                layer.mlp.capacity_per_sequence = per_sequence
 
     def update_routing_bias(self, speed: float) -> None:
         """V3's auxiliary-loss-free balancing, from the load seen since the last reset; then resets it."""

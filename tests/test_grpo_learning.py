@@ -6,8 +6,8 @@ import json
 import numpy as np
 
 from align.data.loading import DataSource
-from align.grpo_config import GRPOConfig
-from align.grpo_trainer import run_grpo
+from align.grpo.config import GRPOConfig
+from align.grpo.loop import run_grpo
 from engine.config import ClusterConfig, EngineConfig, OptimConfig, RolloutConfig
 from engine.sampling import SamplingConfig
 from rewards.combine import RewardComponent
@@ -51,7 +51,7 @@ def test_reward_model_runs_in_its_own_actor(tmp_path):
     from transformers import AutoTokenizer
 
     import model
-    from align.grpo_trainer import host_model_rewards
+    from align.grpo.reward_hosting import host_model_rewards
     from engine.driver import HybridEngine
     from rewards.model_reward import RewardModelScorer
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 import model
-from align.grpo_trainer import build_batch
+from align.grpo.batch import build_batch
 from engine.logprobs import token_logprobs
 from engine.rollout_native import NativeRollout
 from engine.sampling import SamplingConfig

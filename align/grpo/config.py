@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from align.data.loading import DataSource
+from align.grpo.objective import GSPO_CLIP
 from engine.config import EngineConfig
 from engine.sampling import SamplingConfig
 from rewards.combine import RewardComponent
@@ -33,18 +34,44 @@ class GRPOConfig(BaseModel):
     group_size: int = Field(8, ge=2, description="G: completions per prompt")
     mu: int = Field(1, ge=1, description="optimizer steps per rollout batch (inner epochs)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0, max_tokens=64))
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.2, ge=0, description="> clip_low = DAPO's clip-higher")
-    beta: float = Field(0.04, ge=0, description="k3 KL weight; 0 = no reference model is loaded")
+    clip_low: float | None = Field(None, ge=0, description="None = 0.2 (token ratio) or GSPO's 3e-4 (sequence)")
+    clip_high: float | None = Field(None, ge=0, description="> clip_low = DAPO's clip-higher; None = 0.2 or "
+                                                            "GSPO's 4e-4")
+    beta: float = Field(0.04, ge=0, description="KL weight; 0 = no reference model is loaded")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="see align/grpo/objective.py")
     loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     advantage_scale: Literal["group", "batch", "none"] = "group"
-    dynamic_sampling: bool = Field(False, description="drop groups whose rewards all tie")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="sequence = GSPO")
+    is_correction: Literal["none", "tis", "mis", "seq-tis", "seq-mis", "geo-mis"] = Field(
+        "none", description="importance-sampling correction of the rollout/trainer mismatch")
+    is_cap: float = Field(2.0, gt=1, description="C: truncation cap (tis) or mask band [1/C, C] (mis)")
+    dynamic_sampling: bool = Field(False, description="DAPO: keep only groups whose rewards differ, refilling")
+    dynamic_sampling_max_rounds: int = Field(3, ge=1, description="rollout rounds per step at most")
     mask_truncated: bool = Field(False, description="no loss on completions cut at max_tokens")
-    routing_replay: bool = Field(True, description="force the rollout's experts in training (native backend)")
+    routing_replay: bool = Field(True, description="force the rollout's experts in the policy's training forward")
+    routing_replay_ref: bool = Field(False, description="also force them into the reference model (off: it "
+                                                        "routes on its own)")
+    capacity_factor: float | None = Field(
+        None, gt=0, description="token dropping in training, capacity per sequence; None = off (the rollout "
+                                "never drops), whatever the checkpoint's config says")
     balance_losses: bool = Field(False, description="keep MoE balance losses in the RL loss")
+    max_reward_failure_share: float = Field(0.5, ge=0, le=1, description="stop when a reward component fails "
+                                                                       "on more than this share of a step")
+    log_samples: int = Field(4, ge=0, description="completions per step written to samples.jsonl")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     held_out: HeldOutConfig | None = None
     save_every: int = Field(0, ge=0, description="full checkpoint every N steps (0 = only at the end)")
     keep_last: int = Field(2, ge=1)
     seed: int = 0
     wandb_project: str | None = Field(None, description="also log to W&B (WANDB_MODE=offline works offline)")
+
+    @model_validator(mode="after")
+    def _clip_defaults(self) -> GRPOConfig:
+        low, high = GSPO_CLIP if self.ratio_level == "sequence" else (0.2, 0.2)
+        if self.clip_low is None:
+            self.clip_low = low
+        if self.clip_high is None:
+            self.clip_high = high
+        if self.is_correction != "none" and not self.sampling.logprobs:
+            raise ValueError(f"is_correction={self.is_correction} needs the rollout's log-probs (sampling.logprobs)")
+        return self

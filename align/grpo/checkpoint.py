@@ -1,0 +1,52 @@
+"""Checkpoint and resume: full training state in step-N dirs, written to a temp dir and renamed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    ckpts = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in ckpts[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, default=float)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save_state(engine, root: Path, step: int, stream, rewards, keep_last: int, extra: dict) -> Path:
+    """A full, resumable checkpoint (engine state, prompt stream, reward statistics): complete or absent."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    engine.save(tmp / "engine")
+    write_json_atomic(tmp / "trainer_state.json", {"step": step, "stream": stream.state_dict(),
+                                                   "rewards": rewards.state_dict(), **extra})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def load_state(engine, ckpt: Path, stream, rewards) -> dict:
+    """Restore what save_state wrote; returns the trainer state (its "step" is where to continue)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    engine.load(ckpt / "engine")
+    engine.sync_weights()
+    stream.load_state_dict(state["stream"])
+    rewards.load_state_dict(state["rewards"])
+    return state

@@ -44,7 +44,7 @@ def run_stage(recipe, output_dir: Path, resume: bool = False) -> dict:
         from align.rm import run_rm
         result = run_rm(recipe.rm.model_copy(update={"output_dir": str(output_dir)}))
     elif isinstance(recipe, GRPORecipe):
-        from align.grpo_trainer import run_grpo
+        from align.grpo.loop import run_grpo
         result = run_grpo(recipe.grpo, output_dir, resume=resume)
     elif isinstance(recipe, EvalRecipe):
         from align.eval.run import run_eval

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from align.compare import CompareConfig
 from align.errors import UserError
 from align.eval.run import EvalConfig
-from align.grpo_config import GRPOConfig
+from align.grpo.config import GRPOConfig
 from align.rm import RMConfig
 from align.sft import SFTConfig
 

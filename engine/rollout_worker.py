@@ -91,6 +91,7 @@ class RolloutWorker:
         self.model_dir = model_dir
         self.backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
         self.impl = build_backend(backend, model_dir, vllm_options, **kwargs)
+        self.layout = moe_layout(model_dir)
         self.version = 0
         self.asleep = False
 

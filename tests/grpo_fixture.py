@@ -38,3 +38,45 @@ def write_prompts(path: Path, n: int = 16) -> Path:
         for i in range(n):
             f.write(json.dumps({"prompt": f"Count to {i % 7 + 2}:", "answer": str(i % 7 + 2)}) + "\n")
     return path
+
+
+def tie_often(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Brevity on prompts "Count to 2:" and "Count to 3:", a constant elsewhere: most groups tie."""
+    return [brevity([p], [c])[0] if p.endswith(("2:", "3:")) else 0.5 for p, c in zip(prompts, completions)]
+
+
+def constant(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    return [1.0] * len(completions)
+
+
+class InProcessEngine:
+    """The hybrid engine's driver API on one process: a RolloutWorker (native) and one TrainWorker, no Ray.
+    Enough for grpo_step (the loop's step) in fast tests; calls are recorded in `calls`."""
+
+    def __init__(self, policy_dir: Path, cfg, rollout_kwargs: dict | None = None):
+        import functools
+
+        from align.grpo.loop import load_policy
+        from engine.rollout_worker import RolloutWorker
+        from engine.train_worker import TrainWorker
+
+        factory = functools.partial(load_policy, str(policy_dir), cfg.capacity_factor)
+        self.rollout = RolloutWorker("native", str(policy_dir), **(rollout_kwargs or {}))
+        self.trainer = TrainWorker(factory, factory if cfg.beta else None, optim=cfg.engine.optim,
+                                   train=cfg.engine.train)
+        self.calls: list[tuple[str, dict]] = []
+
+    def generate(self, prompts, sampling):
+        return self.rollout.generate(prompts, sampling)
+
+    def compute_logprobs(self, batch, which="policy", mode="eval"):
+        self.calls.append(("compute_logprobs", {"which": which, "mode": mode, "keys": sorted(batch)}))
+        return self.trainer.compute_logprobs(batch, which, mode)
+
+    def train_step(self, batch, loss_fn):
+        self.calls.append(("train_step", {"keys": sorted(batch)}))
+        return self.trainer.train_step(batch, loss_fn)
+
+    def sync_weights(self):
+        self.rollout.load_weights(self.trainer.hf_named_arrays())
+        return None

@@ -11,8 +11,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. grpo.steps=20")
 OUTPUT = typer.Option(None, "--output-dir", "-o", help="where outputs go (default: the recipe's or runs/<stage>)")
-RESUME = typer.Option(False, "--resume", help="continue from the last complete checkpoint")
-FORCE = typer.Option(False, "--force", help="re-run pipeline stages whose output is already complete")
+RESUME = typer.Option(False, "--resume", help="continue this run from its last complete checkpoint")
+FORCE = typer.Option(False, "--force", help="clear the output dir (another run's checkpoints) or re-run "
+                                            "complete pipeline stages")
 
 
 def _fail(message: str) -> None:
@@ -23,6 +24,7 @@ def _fail(message: str) -> None:
 def _run(recipe_file: Path, overrides: list[str] | None, output_dir: Path | None, resume: bool, force: bool,
          expect: str | None = None) -> None:
     from align.errors import UserError
+    from engine.errors import EngineError
     from rewards.errors import RewardError
     try:
         from align.pipeline import run_pipeline, run_stage
@@ -36,9 +38,9 @@ def _run(recipe_file: Path, overrides: list[str] | None, output_dir: Path | None
             print_final_table(result)
         else:
             out = output_dir or Path("runs") / Path(recipe_file).stem
-            summary = run_stage(recipe, Path(out), resume=resume)
+            summary = run_stage(recipe, Path(out), resume=resume, force=force)
             typer.echo(f"done: {recipe.stage} -> {out} ({summary.get('seconds', '?')} s)")
-    except (UserError, RewardError) as e:
+    except (UserError, RewardError, EngineError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -53,21 +55,24 @@ def run(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPU
 
 
 @app.command()
-def sft(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPUT):
+def sft(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPUT, resume: bool = RESUME,
+        force: bool = FORCE):
     """Supervised fine-tuning (TRL SFTTrainer)."""
-    _run(recipe, overrides, output_dir, False, False, expect="sft")
+    _run(recipe, overrides, output_dir, resume, force, expect="sft")
 
 
 @app.command()
-def rm(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPUT):
+def rm(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPUT, resume: bool = RESUME,
+        force: bool = FORCE):
     """Reward model training (TRL RewardTrainer)."""
-    _run(recipe, overrides, output_dir, False, False, expect="rm")
+    _run(recipe, overrides, output_dir, resume, force, expect="rm")
 
 
 @app.command()
-def grpo(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPUT, resume: bool = RESUME):
+def grpo(recipe: Path, overrides: list[str] = OVERRIDES, output_dir: Path = OUTPUT, resume: bool = RESUME,
+         force: bool = FORCE):
     """GRPO on the hybrid engine."""
-    _run(recipe, overrides, output_dir, resume, False, expect="grpo")
+    _run(recipe, overrides, output_dir, resume, force, expect="grpo")
 
 
 @app.command("eval")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from align.data.loading import DataSource, load_rows
-from engine.rollout_native import NativeRollout
-from engine.sampling import SamplingConfig
+from align.eval.engine_chat import EngineChatModel
+from engine.vllm_mode import VLLMOptions
 
 
 class CompareConfig(BaseModel):
@@ -27,16 +28,15 @@ class CompareConfig(BaseModel):
     helpful_rm: str | None = None
     safety_rm: str | None = None
     max_tokens: int = Field(48, ge=1)
+    generator: Literal["auto", "vllm", "native"] = Field(
+        "native", description="rollout engine for the answers; native = our decoder in fp32 (exact greedy)")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="how vLLM runs when generator is vllm")
     output_dir: str = "runs/compare"
 
 
-def _answers(path: str, prompts: list[str], max_tokens: int) -> list[str]:
-    rollout = NativeRollout(path, capture_routing=False)
-    tok = rollout.tokenizer
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                       tokenize=False), add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = rollout.generate(ids, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens, seed=0))
-    return [o.text for o in sorted(outs, key=lambda o: o.prompt_index)]
+def _answers(generator: EngineChatModel, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy single-turn replies."""
+    return generator.chat([[{"role": "user", "content": p}] for p in prompts], 0.0, max_tokens)
 
 
 def run_compare(cfg: CompareConfig) -> dict:
@@ -52,10 +52,14 @@ def run_compare(cfg: CompareConfig) -> dict:
     table: dict[str, dict[str, float]] = {}
     for label, path in cfg.checkpoints.items():
         row: dict[str, float] = {}
-        answers = _answers(path, reasoning["prompt"], cfg.max_tokens)
+        generator = EngineChatModel(path, cfg.generator, vllm=cfg.vllm)  # one per checkpoint, closed after use
+        try:
+            answers = _answers(generator, reasoning["prompt"], cfg.max_tokens)
+            chat_answers = _answers(generator, chat + safety, cfg.max_tokens)
+        finally:
+            generator.close()
         row["reasoning_accuracy"] = float(np.mean(math_accuracy(reasoning["prompt"], answers,
                                                                 answer=reasoning["answer"])))
-        chat_answers = _answers(path, chat + safety, cfg.max_tokens)
         for name, scorer in scorers.items():
             row[f"{name}_score"] = float(np.mean(scorer(chat + safety, chat_answers)))
         table[label] = row

@@ -1,12 +1,14 @@
 """Recipes: YAML files that map one to one onto pydantic models, with dotted-path overrides.
 
     stage: grpo            # sft | rm | grpo | eval | pipeline
-    grpo: {...}            # the stage's config (align.grpo_config.GRPOConfig etc.)
+    grpo: {...}            # the stage's config (align.grpo.config.GRPOConfig etc.)
 
 Every problem becomes one `RecipeError` line naming the file, the field path and what is wrong.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -133,7 +135,9 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); a recipe is a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
@@ -174,7 +178,25 @@ def validate(data: dict, path: str | Path) -> BaseModel:
                 resolve(comp.spec)
             except RewardSpecError as e:
                 raise RecipeError(f"{path}: grpo.rewards.{i}.spec: {e}") from None
+        if recipe.grpo.held_out is not None:
+            try:
+                resolve(recipe.grpo.held_out.reward)
+            except RewardSpecError as e:
+                raise RecipeError(f"{path}: grpo.held_out.reward: {e}") from None
     return recipe
+
+
+def recipe_hash(recipe: BaseModel, upstream: list[str] = (), exclude: tuple[str, ...] = ()) -> str:
+    """sha256 of a resolved recipe (after overrides and `${stage}` substitution), output_dir and the stage
+    block's `exclude` fields left out, chained with the hashes of the stages it reads from (so a re-run
+    upstream changes it)."""
+    data = recipe.model_dump(mode="json")
+    block = data.get(data.get("stage"), {})
+    if isinstance(block, dict):
+        for key in ("output_dir", *exclude):
+            block.pop(key, None)
+    text = json.dumps({"recipe": data, "upstream": list(upstream)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> BaseModel:

@@ -8,16 +8,17 @@ The result is a standard HF sequence-classification checkpoint (plus tokenizer) 
 """
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from datasets import Dataset
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import RewardConfig, RewardTrainer
 
 from align.data.loading import DataSource, load_sources
 from align.models import load_reward_model, load_tokenizer, save_atomically
-from align.trl_args import shared_trainer_args
+from align.trl_args import check_lr_scheduler, last_trainer_checkpoint, shared_trainer_args
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -31,7 +32,7 @@ class RMConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = Field(1e-4, gt=0)
-    lr_scheduler: str = "linear"
+    lr_scheduler: Annotated[str, AfterValidator(check_lr_scheduler)] = "linear"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -39,6 +40,8 @@ class RMConfig(BaseModel):
     center_rewards_coefficient: float | None = None
     seed: int = 0
     logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
+    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept")
     output_dir: str = "runs/rm"
 
 
@@ -54,8 +57,9 @@ def to_implicit_pairs(rows: Dataset) -> Dataset:
     ])
 
 
-def run_rm(cfg: RMConfig) -> dict:
-    """Train a reward model, save `<output_dir>/model` atomically, return {"metrics", "output_path"}."""
+def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
+    """Train a reward model (from the last resumable checkpoint when resume), save `<output_dir>/model`
+    atomically, return {"metrics", "output_path"}."""
     train_rows, skipped = load_sources(cfg.train_data, required=PAIR_COLUMNS)  # bad data fails before any work
     eval_rows, eval_skipped = (
         load_sources(cfg.eval_data, required=PAIR_COLUMNS) if cfg.eval_data else (None, 0)
@@ -73,7 +77,7 @@ def run_rm(cfg: RMConfig) -> dict:
     metrics: dict = {"train_rows": len(train_rows), "skipped_rows": skipped + eval_skipped}
     if eval_rows is not None:
         metrics["eval_accuracy_before"] = pairwise_accuracy(model, tokenizer, eval_rows)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(cfg.output_dir) if resume else None)
     metrics["train_loss"] = result.training_loss
     metrics["train_steps"] = result.global_step
     if eval_rows is not None:

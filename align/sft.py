@@ -7,11 +7,12 @@ The final checkpoint (Hugging Face layout plus tokenizer) is written atomically 
 """
 
 import re
+from typing import Annotated
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
@@ -19,7 +20,7 @@ from trl import SFTTrainer
 from align.data.loading import DataSource, load_sources
 from align.errors import UserError
 from align.models import PRESETS, load_policy, load_tokenizer, save_atomically
-from align.trl_args import shared_trainer_args
+from align.trl_args import check_lr_scheduler, last_trainer_checkpoint, shared_trainer_args
 
 
 class LoraSettings(BaseModel):
@@ -61,7 +62,7 @@ class SFTConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = Field(1e-4, gt=0)
-    lr_scheduler: str = "linear"
+    lr_scheduler: Annotated[str, AfterValidator(check_lr_scheduler)] = "linear"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -71,6 +72,8 @@ class SFTConfig(BaseModel):
     merge_lora_on_save: bool = True
     seed: int = 0
     logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
+    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept")
     output_dir: str = "runs/sft"
 
 
@@ -78,8 +81,9 @@ def _trl_args(cfg: SFTConfig) -> TRLSFTConfig:
     return TRLSFTConfig(**shared_trainer_args(cfg), packing=cfg.packing, assistant_only_loss=True)
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    """Train, save `<output_dir>/model` atomically, return {"metrics": ..., "output_path": ...}."""
+def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    """Train (from the last resumable checkpoint when resume), save `<output_dir>/model` atomically,
+    return {"metrics": ..., "output_path": ...}."""
     if cfg.lora is not None and not cfg.merge_lora_on_save and cfg.model in PRESETS:
         raise UserError(
             f"sft: LoRA on preset {cfg.model!r} without merge_lora_on_save leaves no base checkpoint on disk; "
@@ -107,7 +111,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     }
     if evals is not None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(cfg.output_dir) if resume else None)
     metrics["train_loss"] = result.training_loss
     metrics["train_steps"] = result.global_step
     if evals is not None:

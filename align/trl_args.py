@@ -1,16 +1,27 @@
 """The TRL trainer arguments the SFT and reward-model stages share (both configs use the same field names)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 
+def check_lr_scheduler(name: str) -> str:
+    """A pydantic field validator for `lr_scheduler`: one of transformers' SchedulerType names."""
+    from transformers import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        raise ValueError(f"unknown scheduler {name!r} (expected one of: {', '.join(names)})")
+    return name
+
+
 def shared_trainer_args(cfg) -> dict:
-    """Device and precision, optimisation, and no saving, evaluation or reporting inside TRL (we do those)."""
+    """Device and precision, optimisation, resumable checkpoints; no evaluation or reporting inside TRL (we do those)."""
     cuda = torch.cuda.is_available()
     return dict(
-        output_dir=str(Path(cfg.output_dir) / "trainer"),
+        output_dir=str(trainer_dir(cfg.output_dir)),
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),  # TRL defaults to bf16, which CPUs run slowly or not at all
         per_device_train_batch_size=cfg.batch_size,
@@ -25,7 +36,10 @@ def shared_trainer_args(cfg) -> dict:
         max_length=cfg.max_len,
         gradient_checkpointing=False,  # tiny models: recompute costs more than it saves
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        # Resumable checkpoints (model, optimizer, scheduler, RNG) every save_steps; `--resume` continues the last.
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.keep_last,
         eval_strategy="no",
         report_to="none",
         seed=cfg.seed,
@@ -33,3 +47,21 @@ def shared_trainer_args(cfg) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def trainer_dir(output_dir: str | Path) -> Path:
+    """Where the TRL trainer writes its resumable checkpoints (checkpoint-<step>/)."""
+    return Path(output_dir) / "trainer"
+
+
+def last_trainer_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint-<step> (its trainer_state.json, written last, parses), else None."""
+    root = trainer_dir(output_dir)
+    steps = []
+    for d in root.glob("checkpoint-*") if root.is_dir() else ():
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+            steps.append((int(d.name.rsplit("-", 1)[1]), d))
+        except (OSError, ValueError):
+            continue
+    return str(max(steps)[1]) if steps else None

@@ -57,7 +57,7 @@ def generated_tokens(backend: str, impl, prompts: list[list[int]], sampling: Sam
 def build(backend: str, path: Path, max_len: int):
     if backend == "vllm":
         from engine.rollout_vllm import VLLMRollout
-        return VLLMRollout(path, dtype="float32", seed=0, max_model_len=max_len, kv_cache_gib=1)
+        return VLLMRollout(path, precision="exact", seed=0, max_model_len=max_len, kv_cache_gib=1)
     if backend == "native":
         return NativeRollout(path, capture_routing=False)
     return HFGenerate(path)

@@ -29,6 +29,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import ClusterConfig
+from .errors import EngineError  # noqa: F401  (re-exported: engine.cluster.EngineError)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 # and AF_UNIX paths are limited to 107 bytes on Linux.
 _SOCKET_SUFFIX = "/session_2025-01-01_00-00-00_000000_4194304/sockets/plasma_store.99"
 MAX_TEMP_DIR_LEN = 107 - len(_SOCKET_SUFFIX)
-
-
-class EngineError(RuntimeError):
-    """The engine cannot go on (an actor died, a call timed out, resources never appeared)."""
 
 
 def ray_temp_dir(cfg: ClusterConfig, run_dir: str | os.PathLike) -> str:

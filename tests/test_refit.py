@@ -107,7 +107,7 @@ def rollout(saved):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the transformers oracle runs far faster single-threaded on 2 busy cores
     _, path = saved
-    r = VLLMRollout(path, dtype="float32", seed=0, max_model_len=256, kv_cache_gib=1)
+    r = VLLMRollout(path, precision="exact", seed=0, max_model_len=256, kv_cache_gib=1)
     yield r
     r.shutdown()
     torch.set_num_threads(threads)

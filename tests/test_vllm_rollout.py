@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
     tokenizer.save_pretrained(path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the transformers oracle runs far faster single-threaded on 2 busy cores
-    rollout = VLLMRollout(path, dtype="float32", seed=0, max_model_len=256, kv_cache_gib=1)
+    rollout = VLLMRollout(path, precision="exact", seed=0, max_model_len=256, kv_cache_gib=1)
     yield rollout, model, tokenizer
     rollout.shutdown()
     torch.set_num_threads(threads)

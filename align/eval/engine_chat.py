@@ -11,26 +11,22 @@ from typing import Literal
 from transformers import AutoTokenizer
 
 from align.eval.types import Conversation
+from engine.rollout_worker import build_backend, resolve_backend
 from engine.sampling import SamplingConfig
+from engine.vllm_mode import VLLMOptions
 
 
 class EngineChatModel:
-    def __init__(self, model_dir: str | Path, backend: Literal["auto", "vllm", "native"] = "auto", seed: int = 0):
+    """backend: auto = vLLM when importable, else our native decoder. vllm: how vLLM runs (engine.vllm_mode)."""
+
+    def __init__(self, model_dir: str | Path, backend: Literal["auto", "vllm", "native"] = "auto", seed: int = 0,
+                 vllm: VLLMOptions | None = None):
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.seed = seed
-        if backend == "auto":
-            try:
-                import vllm  # noqa: F401
-                backend = "vllm"
-            except ImportError:
-                backend = "native"
-        if backend == "vllm":
-            from engine.rollout_vllm import VLLMRollout
-            self.engine = VLLMRollout(model_dir, seed=seed)
-        else:
-            from engine.rollout_native import NativeRollout
-            self.engine = NativeRollout(model_dir, capture_routing=False)
-        self.backend = backend
+        self.backend = resolve_backend(backend)
+        vllm_options = (vllm or VLLMOptions()).constructor_kwargs()
+        self.engine = build_backend(self.backend, model_dir, vllm_options if self.backend == "vllm" else None,
+                                    **({"seed": seed} if self.backend == "vllm" else {"capture_routing": False}))
 
     def chat(self, conversations: list[Conversation], temperature: list[float] | float, max_tokens: int) -> list[str]:
         temps = temperature if isinstance(temperature, list) else [temperature] * len(conversations)

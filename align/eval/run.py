@@ -5,6 +5,7 @@
     results = run_eval(cfg)   # or run_eval(cfg, chat_model=engine_adapter) to generate with the rollout engine
 """
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from align.eval.io import atomic_write_text, write_json
 from align.eval.judges import Judge, LocalModelJudge, OpenAIJudge, RewardModelJudge
 from align.eval.mtbench import load_mtbench, mtbench_markdown, run_mtbench
 from align.eval.types import ChatModel
+from engine.vllm_mode import VLLMOptions
 
 
 class MTBenchConfig(BaseModel):
@@ -39,7 +41,9 @@ class MTBenchConfig(BaseModel):
 class AlpacaEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
-    reference_outputs: Path | None = None  # JSON list {dataset, instruction, output, generator}
+    # JSON list {dataset, instruction, output, generator}: gpt4_1106_preview_outputs.json from tatsu-lab/alpaca_eval.
+    # None with enabled = AlpacaEval is skipped with one line saying how to enable it (the reference is not bundled).
+    reference_outputs: Path | None = None
     data_path: Path | None = None  # instructions; None = the reference file's instructions
     max_instances: int | None = Field(None, ge=10)  # the LC win rate is a 5-fold cross-validated GLM
     max_tokens: int = Field(2048, ge=1)
@@ -52,8 +56,6 @@ class AlpacaEvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.enabled and self.reference_outputs is None:
-            raise ValueError("alpacaeval.reference_outputs is required when alpacaeval.enabled")
         if self.lc_glm not in LC_GLMS:
             raise ValueError(f"alpacaeval.lc_glm must be one of {LC_GLMS}")
         return self
@@ -84,6 +86,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_path: Path | None = None  # checkpoint to evaluate (None only if run_eval gets a chat_model)
     generator: Literal["auto", "vllm", "native", "hf"] = "auto"  # rollout engine (auto = vLLM if importable) or HF
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)  # how vLLM runs (precision, dtype, backend); engine.vllm_mode
     model_id: str | None = None  # name in answer files and tables; default: model_path's directory name
     mtbench: MTBenchConfig = Field(default_factory=MTBenchConfig)
     alpacaeval: AlpacaEvalConfig = Field(default_factory=AlpacaEvalConfig)
@@ -91,7 +94,19 @@ class EvalConfig(BaseModel):
     output_dir: Path
 
 
+ALPACAEVAL_HOW = ("AlpacaEval skipped: no reference outputs; set eval.alpacaeval.reference_outputs=PATH to "
+                  "gpt4_1106_preview_outputs.json (tatsu-lab/alpaca_eval, results/) to enable it")
+
+
+def _model_dir(path: Path, field: str) -> Path:
+    if not (Path(path) / "config.json").is_file():
+        raise EvalError(f"{field}: {path} is not a model directory (no config.json)")
+    return Path(path)
+
+
 def build_judge(cfg: JudgeConfig) -> Judge:
+    if cfg.kind in ("local", "reward_model"):
+        _model_dir(cfg.path, "judge.path")
     if cfg.kind == "openai":
         return OpenAIJudge(cfg.base_url, cfg.model, cfg.api_key_env, max_tokens=cfg.max_tokens,
                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, concurrency=cfg.concurrency)
@@ -107,14 +122,16 @@ def run_eval(cfg: EvalConfig, chat_model: ChatModel | None = None, judge: Judge 
     if chat_model is None:
         if cfg.model_path is None:
             raise EvalError("model_path: required when no chat_model is passed to run_eval")
+        _model_dir(cfg.model_path, "eval.model_path")
+    judge = judge or build_judge(cfg.judge)  # a bad judge fails before any generation
+    if chat_model is None:
         if cfg.generator == "hf":
             from align.eval.hf_chat import HFChatModel
             chat_model = HFChatModel(cfg.model_path)
         else:
             from align.eval.engine_chat import EngineChatModel
-            chat_model = EngineChatModel(cfg.model_path, cfg.generator)
+            chat_model = EngineChatModel(cfg.model_path, cfg.generator, vllm=cfg.vllm)
     model_id = cfg.model_id or (cfg.model_path.name if cfg.model_path else "model")
-    judge = judge or build_judge(cfg.judge)
     out = Path(cfg.output_dir)
     results: dict = {"model_id": model_id, "judge": judge.name, "caveat": judge.caveat}
     sections = []
@@ -126,7 +143,10 @@ def run_eval(cfg: EvalConfig, chat_model: ChatModel | None = None, judge: Judge 
                                           m.baseline_answers, m.judge_retries, m.max_questions)
         sections.append(mtbench_markdown(results["mt_bench"]))
     a = cfg.alpacaeval
-    if a.enabled:
+    if a.enabled and a.reference_outputs is None:
+        print(ALPACAEVAL_HOW, file=sys.stderr)
+        results["alpaca_eval"] = {"skipped": ALPACAEVAL_HOW}
+    elif a.enabled:
         results["alpaca_eval"] = run_alpacaeval(chat_model, judge, out / "alpaca_eval", model_id, a.reference_outputs,
                                                 a.data_path, a.max_instances, a.max_tokens, a.temperature, a.seed,
                                                 a.judge_retries, a.lc_glm, a.lc_df_gamed_path, a.lc_allow_hub_download)

@@ -18,6 +18,10 @@ def brevity(prompts: list[str], completions: list[str], **columns) -> list[float
     return [1.0 - min(len(c), 40) / 40 for c in completions]
 
 
+VLLM_CPU_MLA = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=512,
+                    qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32)   # what vLLM-CPU's MLA accepts
+
+
 def make_policy(root: Path, seed: int = 0, **overrides) -> Path:
     """A small MLA/MoE policy with a locally trained tokenizer, saved in the HF layout."""
     texts = [f"{i} plus {j} is {i + j}. Count to {k}: " + " ".join(str(x) for x in range(k))
@@ -53,7 +57,7 @@ class InProcessEngine:
     """The hybrid engine's driver API on one process: a RolloutWorker (native) and one TrainWorker, no Ray.
     Enough for grpo_step (the loop's step) in fast tests; calls are recorded in `calls`."""
 
-    def __init__(self, policy_dir: Path, cfg, rollout_kwargs: dict | None = None):
+    def __init__(self, policy_dir: Path, cfg, rollout_kwargs: dict | None = None, backend: str = "native"):
         import functools
 
         from align.grpo.loop import load_policy
@@ -61,7 +65,7 @@ class InProcessEngine:
         from engine.train_worker import TrainWorker
 
         factory = functools.partial(load_policy, str(policy_dir), cfg.capacity_factor)
-        self.rollout = RolloutWorker("native", str(policy_dir), **(rollout_kwargs or {}))
+        self.rollout = RolloutWorker(backend, str(policy_dir), **(rollout_kwargs or {}))
         self.trainer = TrainWorker(factory, factory if cfg.beta else None, optim=cfg.engine.optim,
                                    train=cfg.engine.train)
         self.calls: list[tuple[str, dict]] = []
@@ -79,4 +83,8 @@ class InProcessEngine:
 
     def sync_weights(self):
         self.rollout.load_weights(self.trainer.hf_named_arrays())
+        self.rollout.finish_refit(self.trainer.get_generation())
         return None
+
+    def shutdown(self) -> None:
+        self.rollout.shutdown()

@@ -41,6 +41,11 @@ def test_grpo_raises_reward(tmp_path):
         assert key in records[-1], key
     assert (tmp_path / "run" / "model" / "config.json").exists()
     assert summary["output_path"].endswith("model")
+    # the exact fp32 path (native rollout, fp32 trainer): rollout and trainer agree on every step
+    for r in records:
+        assert r["mismatch/logp_abs_diff"] <= 1e-4 and abs(r["mismatch/is_weight_mean"] - 1) <= 1e-3, r["step"]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == set(range(1, 13)) and "tests.grpo_fixture:brevity" in samples[0]["rewards"]
 
 
 def test_reward_model_runs_in_its_own_actor(tmp_path):

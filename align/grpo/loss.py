@@ -12,6 +12,16 @@ with t = log π_old (trainer) and b = log π_behavior (sampler) over the scored 
     mismatch/is_weight_mean = mean w (the IS weight in use; ρ = exp(t - b) itself when is_correction="none")
     mismatch/corrected_share = share of tokens whose weight was truncated or masked
 All are exact token means over the global batch (Forward.token_mean_metric).
+
+What the sampler's log-prob is: the log-prob after temperature (vLLM's processed_logprobs; the native
+backend likewise), and the engine divides the trainer's logits by the same temperature, so on an exact
+path (fp32 native) t = b to ~1e-6. Top-k / top-p truncation is not replayed by the trainer: b is under
+the truncated, renormalised distribution, t under the full tempered softmax, so for every sampled token
+t = b + log Z (Z <= 1: the probability mass the filter kept at that step), i.e. ρ_t = Z. The mismatch
+metrics show it; "tis" weights such tokens by Z (down-weighting steps where the filter cut much mass),
+"mis"/"geo-mis" drop tokens/sequences whose Z (or mean log Z) falls below 1/C. No weight can restore
+the tokens the filter excluded (never sampled: π_behavior = 0), so with truncation the update is the
+policy gradient over the kept support, reweighted towards the trainer's π_old.
 """
 from __future__ import annotations
 

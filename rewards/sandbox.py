@@ -1,25 +1,28 @@
-"""Run untrusted model-written Python against unit tests, contained, and count passed asserts.
+"""Run untrusted model-written Python against unit tests, contained, and judge the results here.
 
-Parent side. Each sample runs in a fresh `python -I -S rewards/sandbox_child.py` process (see that
-file for the isolation layers, all set up in the child before the untrusted code is compiled) in
-its own session (process group) with a fresh temporary directory as cwd/HOME/TMPDIR and an
-environment holding only PATH, so secrets in os.environ are never visible.
+Parent side. Each sample runs in a fresh `python -I -S -B rewards/sandbox_child.py` process (see that
+file and sandbox_ns.py for the isolation layers, all set up before the untrusted code is compiled)
+in its own session, with an environment holding only PATH and LANG, so secrets in os.environ are
+never visible. The tests are first rewritten by rewards/checker.py: the sandbox only evaluates the
+parts of each assertion that need the candidate and sends them back as plain data; the verdicts are
+computed here, by the trusted checker, so nothing the candidate's process says is believed.
 
 We deliberately do NOT use Popen(preexec_fn=...): it is unsafe with threads (this runs inside Ray
 workers and a thread pool) and disables vfork. The child sets its own limits before running code.
 
-Containment as root (the normal case here): the child drops to a random, otherwise unused uid, so
-RLIMIT_NPROC really binds (the kernel exempts root), kill(-1) cannot reach anything else, and
-after the run we SIGKILL the process group AND every process still owned by that uid (a fork bomb
-may have left the group with setsid). The result comes back on the child's stdout as lines that
-start with a random per-run nonce; anything else written there is ignored, and more than
-`max_output_bytes` of it kills the run.
+Deadlines and clean-up never depend on the candidate: the child's watcher kills the whole PID
+namespace at its own deadline or when the "lifeline" pipe, whose write end only this process holds,
+reaches EOF (this process died, whichever thread started the child); here we kill the child's
+process group after our own deadline and, as root, every process of the run's fresh uid. At most
+`max_workers` children run at once per process, even if a caller stopped waiting for an earlier
+batch: every run holds a slot of a process-wide semaphore.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 import secrets
@@ -29,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,11 +40,20 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rewards.checker import TestPlan, judge, plan_tests
 from rewards.errors import RewardError
 
 CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _UID_BASE, _UID_SPAN = 2_000_000_000, 100_000_000  # far from system and subuid ranges
+STRONG = {"net": "netns", "fs": "tmpfs-root", "pid": "pidns", "user": "userns"}
+# Test-only switches that turn one defence off, so the tests can show each attack works without
+# it (positive controls): "checker" (judge in the candidate's process, as before), "lifeline".
+TEST_ONLY_DISABLED: set[str] = set()
+_log = logging.getLogger(__name__)
+_weak_logged = False
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
 
 
 class SandboxConfig(BaseModel):
@@ -49,16 +62,20 @@ class SandboxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timeout_s: float = Field(10.0, gt=0, description="wall clock per sample, incl. interpreter start")
     memory_mb: int = Field(1024, ge=64, description="RLIMIT_AS (virtual memory)")
-    file_mb: int = Field(16, ge=1, description="RLIMIT_FSIZE")
-    nproc: int = Field(64, ge=1, description="RLIMIT_NPROC for the sandbox uid")
+    file_mb: int = Field(16, ge=1, description="RLIMIT_FSIZE (one file)")
+    disk_mb: int = Field(32, ge=1, description="size of the work dir's private tmpfs (all files)")
+    max_files: int = Field(512, ge=8, description="files and dirs the work dir's tmpfs may hold")
+    nproc: int = Field(64, ge=1, description="RLIMIT_NPROC inside the sandbox")
     nofile: int = Field(64, ge=16)
     max_workers: int = Field(2, ge=1, description="samples run concurrently (the machine has 2 cores)")
-    max_output_bytes: int = Field(1 << 16, ge=1024, description="result-pipe bytes before the run is killed")
-    isolate_network: bool = True  # network namespace (falls back to the audit hook)
-    isolate_fs: bool = True  # mount namespace, as root only (falls back to the audit hook)
+    max_output_bytes: int = Field(1 << 20, ge=1024, description="result-pipe bytes before the run is killed")
+    isolate_network: bool = True  # network namespace
+    isolate_fs: bool = True  # mount namespace with the private read-only root and tmpfs work dir
     isolate_processes: bool = True  # PID namespace: everything dies (and is reaped) with the run
-    drop_privileges: bool = True  # as root: run as a fresh uid
-    audit_guard: bool = True  # in-process audit hook layer
+    drop_privileges: bool = True  # as root: the run's uid outside its namespace is a fresh one
+    audit_guard: bool = True  # in-process audit hook layer (defence in depth)
+    allow_weak_isolation: bool = Field(False, description="run even where the namespaces are unavailable "
+                                       "(or switched off), with the audit hook as the only layer")
     python: str | None = None  # interpreter for the child; default: this one
 
 
@@ -75,6 +92,10 @@ class SandboxResult:
     @property
     def score(self) -> float:
         return self.passed / self.total if self.status == "ok" and self.total else 0.0
+
+    @property
+    def strong(self) -> bool:
+        return all(self.layers.get(k) == v for k, v in STRONG.items())
 
 
 def extract_code(completion: str) -> str:
@@ -122,7 +143,7 @@ def _parse(src: str, what: str) -> ast.Module:
 
 
 class Sandbox:
-    """Runs samples with `config` limits; `run_many` keeps at most `max_workers` children alive."""
+    """Runs samples with `config` limits; see the module docstring."""
 
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
@@ -131,7 +152,8 @@ class Sandbox:
         items = split_tests(tests, entry_point)
         if not any(is_test for is_test, _ in items):
             return SandboxResult(status="no-tests", detail="the tests contain no assert")
-        return self._run_items(code, items, entry_point)
+        with _slot(self.config.max_workers):
+            return self._run_plan(code, plan_tests(items), entry_point)
 
     def run_many(self, codes: list[str], tests: list, entry_points: list | None = None) -> list[SandboxResult]:
         entry_points = entry_points if entry_points is not None else [None] * len(codes)
@@ -140,34 +162,47 @@ class Sandbox:
         with ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="sandbox") as pool:
             return list(pool.map(self.run, codes, tests, entry_points))
 
-    def _run_items(self, code: str, items: list[tuple[bool, str]], entry_point: str | None) -> SandboxResult:
+    def _run_plan(self, code: str, plan: TestPlan, entry_point: str | None) -> SandboxResult:
         cfg, start = self.config, time.monotonic()
-        nonce = secrets.token_hex(16)
-        workdir = tempfile.mkdtemp(prefix="deepalign-sbx-")
+        raw = "checker" in TEST_ONLY_DISABLED
+        workdir = tempfile.mkdtemp(prefix="deepalign-sbx-")  # the new root's mount point (or weak: the cwd)
         uid = None
         if cfg.drop_privileges and os.geteuid() == 0:
             uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
             os.chown(workdir, uid, uid)
         os.chmod(workdir, 0o700)
+        lifeline_r, lifeline_w = os.pipe()
         job = {
-            "nonce": nonce, "code": code, "items": items, "entry_point": entry_point, "workdir": workdir,
-            "uid": uid, "gid": uid, "isolate_network": cfg.isolate_network, "isolate_fs": cfg.isolate_fs,
+            "code": code, "items": plan.raw_items if raw else plan.items, "mode": "raw" if raw else "checker",
+            "entry_point": entry_point, "workdir": workdir, "uid": uid, "timeout_s": cfg.timeout_s,
+            "isolate_network": cfg.isolate_network, "isolate_fs": cfg.isolate_fs,
             "isolate_processes": cfg.isolate_processes, "audit_guard": cfg.audit_guard,
+            "allow_weak_isolation": cfg.allow_weak_isolation, "disk_mb": cfg.disk_mb, "max_files": cfg.max_files,
+            "lifeline_fd": None if "lifeline" in TEST_ONLY_DISABLED else lifeline_r,
             "limits": {"cpu_s": int(cfg.timeout_s) + 1, "memory_mb": cfg.memory_mb, "file_mb": cfg.file_mb,
                        "nproc": cfg.nproc, "nofile": cfg.nofile},
         }
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(
-            [cfg.python or sys.executable, "-I", "-S", "-B", CHILD], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env, start_new_session=True)
+        try:
+            proc = subprocess.Popen(
+                [cfg.python or sys.executable, "-I", "-S", "-B", CHILD], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env, start_new_session=True,
+                pass_fds=(lifeline_r,))
+        finally:
+            os.close(lifeline_r)
         try:
             try:
                 proc.stdin.write(json.dumps(job).encode())
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
-            result = self._collect(proc, nonce, start + cfg.timeout_s)
+            result = self._collect(proc, plan, raw, start + cfg.timeout_s)
         finally:
+            os.close(lifeline_w)  # the watcher kills and reaps the namespace itself, then exits
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
             leftover = _kill_all(proc, uid)
             shutil.rmtree(workdir, ignore_errors=True)
         result.uid, result.elapsed_s = uid, time.monotonic() - start
@@ -175,73 +210,111 @@ class Sandbox:
             result.detail = f"exit {proc.returncode} {result.detail}"
         if leftover:
             result.detail += f" ({leftover} processes of uid {uid} survived SIGKILL)"
+        if result.layers and not result.strong:
+            _log_weak_once(result.layers)
         return result
 
-    def _collect(self, proc: subprocess.Popen, nonce: str, deadline: float) -> SandboxResult:
-        """Read result lines until DONE, EOF, the deadline or the output cap, whichever comes first."""
-        cap, out, err = self.config.max_output_bytes, b"", b""
+    def _collect(self, proc: subprocess.Popen, plan: TestPlan, raw: bool, deadline: float) -> SandboxResult:
+        """Read result lines until done, EOF, the deadline or the output cap, whichever comes first."""
+        cap, out, err, used = self.config.max_output_bytes, b"", b"", 0
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         sel.register(proc.stderr, selectors.EVENT_READ)
-        layers: dict[str, str] = {}
+        state = _Messages(plan, raw)
         try:
             while sel.get_map():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return SandboxResult(status="timeout", layers=layers, detail="wall-clock timeout")
+                    return state.result("timeout", "wall-clock timeout")
                 for key, _ in sel.select(timeout=left):
                     chunk = os.read(key.fd, 1 << 16)
                     if not chunk:
                         sel.unregister(key.fileobj)
                     elif key.fileobj is proc.stderr:
-                        err = (err + chunk)[:4096]
+                        err = (err + chunk)[-4096:]
                     else:
-                        out += chunk
-                        if len(out) > cap:
-                            return SandboxResult(status="output-limit", layers=layers,
-                                                 detail=f"more than {cap} bytes on the result pipe")
-                        lines = [ln for ln in out.split(b"\n")[:-1] if ln.startswith(nonce.encode() + b" ")]
-                        result = _parse_lines(lines, nonce, layers)
-                        if result is not None:
-                            return result
+                        used += len(chunk)
+                        if used > cap:
+                            return state.result("output-limit", f"more than {cap} bytes on the result pipe")
+                        *lines, out = (out + chunk).split(b"\n")
+                        for line in lines:
+                            final = state.feed(line)
+                            if final is not None:
+                                return final
         finally:
             sel.close()
         # Not proc.wait() here: reaping first would free the pid (and so the process group id)
         # for reuse before _kill_all's killpg. The exit code is filled in after the kill.
-        return SandboxResult(status="crashed", layers=layers,
-                             detail=f"without a result; stderr: {err.decode(errors='replace')[-300:]}")
+        return state.result("crashed", f"without a result; stderr: {err.decode(errors='replace')[-300:]}")
 
 
-def _parse_lines(lines: list[bytes], nonce: str, layers: dict[str, str]) -> SandboxResult | None:
-    """Interpret nonce-tagged lines; None while the run is not finished."""
-    done = None
-    for raw in lines:
-        words = raw.decode(errors="replace").split(" ")[1:]
-        if words[0] == "SETUP":
-            layers.update(w.split("=", 1) for w in words[1:] if "=" in w)
-        elif words[0] == "SETUP-ERROR":
-            return SandboxResult(status="setup-error", layers=layers, detail=" ".join(words[1:]))
-        elif words[0] == "DONE" and done is None and len(words) == 5:
-            done = words[1:]
+class _Messages:
+    """The child's lines: the watcher's {"setup"} first (trusted), then the runner's (untrusted)."""
+
+    def __init__(self, plan: TestPlan, raw: bool):
+        self.plan, self.raw, self.layers, self.items, self.load = plan, raw, None, [], None
+
+    def result(self, status: str, detail: str = "") -> SandboxResult:
+        return SandboxResult(status=status, layers=dict(self.layers or {}), detail=detail,
+                             total=sum(kind == "test" for kind, _ in self.plan.items))
+
+    def feed(self, line: bytes) -> SandboxResult | None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if type(msg) is not dict:
+            return self.result("protocol-error", "unexpected result line")
+        if self.layers is None:  # the first line comes from the watcher, before the code exists
+            if "setup_error" in msg:
+                return self.result("setup-error", " ".join(str(msg["setup_error"]).split())[:400])
+            if type(msg.get("setup")) is not dict:
+                return self.result("protocol-error", "no setup line")
+            self.layers = {str(k): str(v) for k, v in msg["setup"].items()}
+            return None
+        if "load" in msg and self.load is None:
+            self.load = str(msg["load"])[:40]
+            if self.load != "-":
+                return self.result("load-error", f"the solution raised {self.load}")
+        elif "item" in msg and self.load == "-":
+            self.items.append(msg)
+        elif msg.get("done") is True and self.load == "-":
+            passed, total, bits = judge(self.plan, self.items, self.raw)
+            return SandboxResult(status="ok", passed=passed, total=total, layers=dict(self.layers), detail=bits)
         else:
-            return SandboxResult(status="protocol-error", layers=layers, detail="unexpected result line")
-    if done is None:
+            return self.result("protocol-error", "unexpected result line")
         return None
-    passed, total, bits, load_error = done
-    if not (passed.isdigit() and total.isdigit()):
-        return SandboxResult(status="protocol-error", layers=layers, detail="malformed DONE line")
-    if load_error != "-":
-        return SandboxResult(status="load-error", total=int(total), layers=layers,
-                             detail=f"the solution raised {load_error}")
-    return SandboxResult(status="ok", passed=int(passed), total=int(total), layers=layers, detail=bits)
+
+
+class _slot:  # noqa: N801  (a context manager used like a function)
+    """Hold one of the process-wide `max_workers` slots for the duration of a run."""
+
+    def __init__(self, n: int):
+        with _slots_lock:
+            self.sem = _slots.setdefault(n, threading.BoundedSemaphore(n))
+
+    def __enter__(self) -> None:
+        self.sem.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.sem.release()
+
+
+def _log_weak_once(layers: dict[str, str]) -> None:
+    global _weak_logged
+    if not _weak_logged:
+        _weak_logged = True
+        _log.warning("code sandbox: weak isolation (allow_weak_isolation: true), layers %s", layers)
 
 
 def _kill_all(proc: subprocess.Popen, uid: int | None) -> int:
-    """SIGKILL the child's process group and, with a private uid, everything that uid still runs."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGKILL the child's process group (unless it already exited and was reaped: its id may be
+    reused) and, with a fresh uid, everything that uid still runs. Returns the survivors."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe and not pipe.closed:
             pipe.close()

@@ -3,7 +3,9 @@ contained, scores 0, and leaves no process, file, connection or leaked secret be
 
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -46,10 +48,10 @@ def solve(n):
 def test_correct_code_scores_one_even_with_stdlib_heavy_code():
     completion = f"Here you go:\n```python\n{LEGIT}\n```\nDone."
     tests = ["assert solve(10) == 55", "assert solve(1) == 1",
-             "import os\nassert sorted(os.environ) == ['HOME', 'LANG', 'PATH', 'TMPDIR']\n"
-             "assert os.getcwd() == os.environ['HOME']"]
+             "import os\ndef env():\n    return sorted(os.environ), os.getcwd(), os.environ['HOME']",
+             "assert env()[0] == ['HOME', 'LANG', 'PATH', 'TMPDIR']", "assert env()[1] == env()[2]"]
     r = Sandbox(FAST).run(extract_code(completion), tests)
-    assert (r.status, r.passed, r.total, r.score) == ("ok", 3, 3, 1.0), r
+    assert (r.status, r.passed, r.total, r.score) == ("ok", 4, 4, 1.0), r
 
 
 def test_partial_credit_is_the_fraction_of_asserts():
@@ -102,22 +104,33 @@ def test_samples_run_concurrently_in_a_bounded_pool():
 
 # -- the hostile corpus ---------------------------------------------------------------------------
 @pytest.fixture
-def hostile_env(tmp_path, monkeypatch):
-    """A listening socket, paths that must stay absent, a secret in the parent's environment."""
+def hostile_env(monkeypatch):
+    """A listening socket, paths that must stay absent, a secret in the parent's environment, a
+    canary in the trainer's working directory. The outside dir is world-writable (and not under
+    /tmp, which inside the sandbox is its own work dir), so only the sandbox keeps attacks out."""
     secret_name, secret_value = "DEEPALIGN_TEST_SECRET", "s3cr3t-" + secrets.token_hex(8)
     monkeypatch.setenv(secret_name, secret_value)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     listener.setblocking(False)
+    outside = Path(tempfile.mkdtemp(prefix="deepalign-test-outside-", dir="/var/tmp"))
+    outside.chmod(0o777)
+    canary = Path.cwd() / f".deepalign-canary-{secrets.token_hex(6)}"
+    canary.write_text("canary-" + secrets.token_hex(8))
+    canary.chmod(0o644)
     env = {
         "__PORT__": str(listener.getsockname()[1]),
-        "__OUTSIDE_PATH__": str(tmp_path / "pwned.txt"),
-        "__MARKER_PATH__": f"/tmp/deepalign-test-marker-{secrets.token_hex(6)}",
+        "__OUTSIDE_PATH__": str(outside / "pwned.txt"),
+        "__MARKER_PATH__": f"/var/tmp/deepalign-test-marker-{secrets.token_hex(6)}",
         "__SECRET_NAME__": secret_name,
+        "__CANARY_PATH__": str(canary),
+        "__MAX_FILES__": "200",
     }
     yield env, listener, secret_value
     listener.close()
+    canary.unlink()
+    shutil.rmtree(outside, ignore_errors=True)
     Path(env["__MARKER_PATH__"]).unlink(missing_ok=True)
 
 
@@ -138,17 +151,18 @@ def assert_contained(r, env, listener, secret):
         assert processes_of_uid(r.uid) == []
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in HOSTILE.glob("*.py")))
+@pytest.mark.parametrize("name", sorted(p.name for p in HOSTILE.glob("*.py") if p.name != "sleeper.py"))
 def test_hostile_code_is_contained_and_scores_zero(name, hostile_env):
     env, listener, secret = hostile_env
     t0 = time.monotonic()
-    r = Sandbox(FAST).run(load_hostile(name, env), ADD_TESTS)
+    r = Sandbox(FAST.model_copy(update={"max_files": 200})).run(load_hostile(name, env), ADD_TESTS)
     assert time.monotonic() - t0 < FAST.timeout_s + 5
     assert_contained(r, env, listener, secret)
     assert r.status != "setup-error", r
     expected = {"fork_bomb.py": {"timeout"}, "infinite_loop.py": {"timeout"},
-                "memory_bomb.py": {"load-error", "timeout"}, "huge_output.py": {"output-limit"},
-                "exit_early.py": {"crashed"}, "forge_result.py": {"crashed"}}
+                "memory_bomb.py": {"load-error", "timeout"},
+                "exit_early.py": {"crashed"}, "forge_result.py": {"crashed", "protocol-error"},
+                "huge_output.py": {"output-limit", "protocol-error"}}
     assert r.status in expected.get(name, {"ok", "load-error", "crashed"}), r
 
 
@@ -198,7 +212,7 @@ def test_fork_bomb_is_bounded_by_nproc_without_the_audit_hook():
     r, samples = _watch(lambda: Sandbox(cfg).run((HOSTILE / "fork_bomb.py").read_text(), ADD_TESTS))
     peak = max(live[r.uid] for live in samples)
     assert r.status == "timeout" and r.score == 0.0
-    assert r.layers["uid"] == str(r.uid) and r.layers["pid"] == "pidns"
+    assert r.layers["uid"] == str(r.uid) and r.layers["pid"] == "pidns" and r.strong
     assert 2 <= peak <= cfg.nproc  # it did fork, and never beyond the limit
     live, zombie = _sandbox_snapshot()
     assert live[r.uid] == 0 and zombie[r.uid] == 0  # all dead and reaped (PID namespace)
@@ -210,10 +224,8 @@ def test_namespaces_alone_contain_network_and_writes(hostile_env):
     box = Sandbox(SandboxConfig(timeout_s=3, audit_guard=False))
     for name in ("network.py", "write_outside.py", "secret_env.py", "kill_parent.py"):
         r = box.run(load_hostile(name, env), ADD_TESTS)
-        assert r.layers == {"net": "netns", "fs": "mountns", "pid": "pidns", "uid": str(r.uid)}
-        # Without the hook, write_outside does create its marker -- in the sandbox's private /tmp.
-        if name != "write_outside.py":
-            assert r.score == 0.0, (name, r)
+        assert r.layers == {"net": "netns", "fs": "tmpfs-root", "pid": "pidns", "user": "userns", "uid": str(r.uid)}
+        assert r.score == 0.0, (name, r)
         assert not Path(env["__OUTSIDE_PATH__"]).exists() and not Path(env["__MARKER_PATH__"]).exists()
         assert secret not in repr(r)
     with pytest.raises(BlockingIOError):
@@ -222,7 +234,8 @@ def test_namespaces_alone_contain_network_and_writes(hostile_env):
 
 def test_audit_hook_alone_blocks_network_and_writes(hostile_env):
     env, listener, secret = hostile_env
-    box = Sandbox(SandboxConfig(timeout_s=3, isolate_network=False, isolate_fs=False, isolate_processes=False))
+    box = Sandbox(SandboxConfig(timeout_s=3, isolate_network=False, isolate_fs=False, isolate_processes=False,
+                                allow_weak_isolation=True))
     for name in ("network.py", "write_outside.py", "forge_result.py"):
         r = box.run(load_hostile(name, env), ADD_TESTS)
         assert r.layers["net"] == "audit-hook" and r.layers["fs"] == "audit-hook"

@@ -68,7 +68,10 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_reward_model(cfg.model)
+    last = last_trainer_checkpoint(cfg.output_dir) if resume else None
+    # Resuming: weights come from the checkpoint through our loader (Trainer's own state-dict load
+    # would skip the routed experts, saved under per-expert checkpoint names).
+    model = load_reward_model(last or cfg.model)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     args = RewardConfig(**shared_trainer_args(cfg), center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(
@@ -77,7 +80,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
     metrics: dict = {"train_rows": len(train_rows), "skipped_rows": skipped + eval_skipped}
     if eval_rows is not None:
         metrics["eval_accuracy_before"] = pairwise_accuracy(model, tokenizer, eval_rows)
-    result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(cfg.output_dir) if resume else None)
+    result = trainer.train(resume_from_checkpoint=last)
     metrics["train_loss"] = result.training_loss
     metrics["train_steps"] = result.global_step
     if eval_rows is not None:

@@ -93,7 +93,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     evals, eval_skipped = load_sources(cfg.eval_data, required=["messages"]) if cfg.eval_data else (None, 0)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.seed)
-    model = load_policy(cfg.model, cfg.seed)
+    last = last_trainer_checkpoint(cfg.output_dir) if resume else None
+    # Resuming full fine-tuning: weights come from the checkpoint through our loader (Trainer's own
+    # state-dict load would skip the routed experts, saved under per-expert checkpoint names).
+    model = load_policy(last if last and cfg.lora is None else cfg.model, cfg.seed)
 
     trainer = SFTTrainer(
         model=model,
@@ -111,7 +114,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     }
     if evals is not None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(cfg.output_dir) if resume else None)
+    result = trainer.train(resume_from_checkpoint=last)
     metrics["train_loss"] = result.training_loss
     metrics["train_steps"] = result.global_step
     if evals is not None:

@@ -117,3 +117,16 @@ def test_pipeline_resumes_an_interrupted_stage_with_the_same_recipe(tmp_path, fa
     run_pipeline(recipe, path)
     assert fake_trainers == [("rm", True, ["checkpoint-1"])]
     assert "interrupted earlier with the same recipe: resuming" in capsys.readouterr().err
+
+
+def test_wandb_run_id_is_the_same_in_every_process(tmp_path):
+    """Python salts str hashes per process; the id must not depend on that (a resume logs into the same run)."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"from align.grpo.metrics import wandb_run_id; print(wandb_run_id({str(tmp_path)!r}))"
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed}).stdout.strip()
+           for seed in ("1", "2")}
+    assert len(ids) == 1 and ids.pop().startswith("deepalign-")

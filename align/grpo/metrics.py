@@ -5,9 +5,16 @@ Both files are written by JsonlLog, which on resume drops the records of steps a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The W&B run id of a run dir: the same in every process (Python's hash() of a str is salted per process),
+    so a resumed run logs into the run it continues."""
+    return "deepalign-" + hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -53,7 +60,7 @@ class MetricsLog:
                 from align.errors import UserError
                 raise UserError("grpo.wandb_project: the wandb package is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=config, resume="allow",
-                                    id=f"deepalign-{abs(hash(str(output_dir.resolve()))) % 10**10}")
+                                    id=wandb_run_id(output_dir))
 
     def write(self, record: dict) -> None:
         self.jsonl.write(record)

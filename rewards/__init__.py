@@ -5,11 +5,12 @@ Protocol: fn(prompts: list[str], completions: list[str], **columns) -> list[floa
 Heavy modules (transformers, the sandbox, math-verify) load only when used.
 """
 
-from rewards.combine import RewardComponent, RewardOutput, RewardSet, RunningMeanStd, validate_scores
+from rewards.combine import (RewardComponent, RewardOutput, RewardSet, RunningMeanStd, SampleScores,
+                             check_failure_share, own_timeouts, validate_scores)
 from rewards.errors import RewardError, RewardSpecError
 from rewards.registry import register, registered, resolve
 
 __all__ = [
     "RewardComponent", "RewardError", "RewardOutput", "RewardSet", "RewardSpecError", "RunningMeanStd",
-    "register", "registered", "resolve", "validate_scores",
+    "SampleScores", "check_failure_share", "own_timeouts", "register", "registered", "resolve", "validate_scores",
 ]

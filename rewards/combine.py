@@ -1,11 +1,22 @@
 """Combine reward functions: call every component on a batch, normalise, weight and sum.
 
 GRPO stage 2 scores each completion as c1*helpful + c2*safety + c3*rule; `RewardSet` is that sum.
-Per component: async functions are awaited, sync ones run in a daemon thread (so a hung function
-cannot block interpreter exit) under a wall-clock timeout. When a batch call fails (raises, times
-out, or returns something that is not one finite float per sample) the batch is retried one sample
-at a time to find the culprit; then on_error="raise" raises a one-line RewardError naming the
-function and the sample, and on_error="fallback" gives just the failing samples the fallback.
+Per component: async functions are awaited, sync ones run in a daemon thread under a wall-clock
+timeout. No bad sample or slow scorer ends a run by itself; by default (on_error="fallback"):
+  * a sample a function reports as failed (it returns `SampleScores` with `failed`/`timed_out`
+    indices, as the code and math rewards do for per-sample timeouts) gets the fallback;
+  * a batch call that raises or returns something that is not one finite float per sample is
+    retried one sample at a time, concurrently for async functions, under one shared deadline,
+    and just the failing samples get the fallback;
+  * a sync batch call that times out is NOT retried: a Python thread cannot be killed, so retrying
+    would leak one hung thread per sample. Every sample of it gets the fallback and counts as a
+    timeout (async ones are retried like errors: cancelling them leaks nothing). Functions that enforce per-sample timeouts themselves (marked `@own_timeouts`, like
+    `code` and `math_accuracy`, which kill their sandboxes and worker processes) get no batch
+    timeout unless the component sets `timeout_s` explicitly.
+Each step's `rewards/<component>/failures` and `/timeouts` counts are in the metrics, and
+`check_failure_share` is the one rule that stops a run: a component failing on more than
+`max_share` of a batch. on_error="raise" raises at the first failure instead (one line naming the
+function and the sample).
 """
 
 from __future__ import annotations
@@ -35,8 +46,9 @@ class RewardComponent(BaseModel):
     weight: float = 1.0
     normalize: Literal["none", "zscore-running"] = "none"
     kwargs: dict[str, Any] = Field(default_factory=dict, description="call kwargs (or constructor kwargs of a class)")
-    timeout_s: float | None = Field(60.0, gt=0, description="wall clock per call")
-    on_error: Literal["raise", "fallback"] = "raise"
+    timeout_s: float | None = Field(60.0, gt=0, description="wall clock per call (none by default for "
+                                    "functions marked @own_timeouts)")
+    on_error: Literal["raise", "fallback"] = "fallback"
     fallback: float = Field(0.0, description="value of a failed sample, after normalisation")
 
     @property
@@ -78,8 +90,39 @@ class RewardOutput:
     total: list[float]  # sum over components of weight * scaled
     raw: dict[str, list[float]]  # per component as returned (fallback where it failed)
     scaled: dict[str, list[float]]  # after normalisation, before the weight
-    failures: dict[str, list[int]]  # per component: sample indices that got the fallback
+    failures: dict[str, list[int]]  # per component: sample indices that got the fallback (timeouts too)
+    timeouts: dict[str, list[int]] = field(default_factory=dict)  # per component: the failures that timed out
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+class SampleScores(list):
+    """What a reward may return instead of a plain list: the scores, plus the indices of samples it
+    could not judge (`failed`; `timed_out` is the subset that ran out of time). RewardSet gives them
+    the component's fallback and counts them."""
+
+    def __init__(self, scores=(), failed=(), timed_out=()):
+        super().__init__(scores)
+        self.timed_out = set(timed_out)
+        self.failed = set(failed) | self.timed_out
+
+
+def own_timeouts(fn):
+    """Mark a reward that bounds each sample's time itself (killing what overruns): RewardSet then
+    puts no batch timeout around it unless the component sets `timeout_s`."""
+    fn.own_timeouts = True
+    return fn
+
+
+def check_failure_share(output: RewardOutput, max_share: float) -> None:
+    """Raise a one-line RewardError naming the first component whose failed samples are more than
+    `max_share` of the batch (0.5: more than half). The GRPO loop calls it after every step."""
+    n = len(output.total)
+    for label, failed in output.failures.items():
+        if n and len(failed) / n > max_share:
+            timeouts = len(output.timeouts.get(label, ()))
+            raise RewardError(f"reward '{label}' failed on {len(failed)} of {n} samples in this step ({timeouts} "
+                              f"timeouts), more than grpo.max_reward_failure_share={max_share:g}; "
+                              f"first failing sample {failed[0]}")
 
 
 class RewardSet:
@@ -127,13 +170,15 @@ class RewardSet:
             self._run_component(c, fn, kw, prompts, completions, columns)
             for c, (fn, kw) in zip(self.components, self._fns)))
         out = RewardOutput(total=[0.0] * n, raw={}, scaled={}, failures={})
-        for c, (raw, failed) in zip(self.components, results):
+        for c, (raw, failed, timed_out) in zip(self.components, results):
             scaled = self._normalize(c, raw, failed)
             out.raw[c.label], out.scaled[c.label], out.failures[c.label] = raw, scaled, sorted(failed)
+            out.timeouts[c.label] = sorted(timed_out)
             out.total = [t + c.weight * s for t, s in zip(out.total, scaled)]
             self.failure_totals[c.label] += len(failed)
             out.metrics.update(_moments(f"rewards/{c.label}", raw))
             out.metrics[f"rewards/{c.label}/failures"] = float(len(failed))
+            out.metrics[f"rewards/{c.label}/timeouts"] = float(len(timed_out))
             out.metrics[f"rewards/{c.label}/failures_total"] = float(self.failure_totals[c.label])
         out.metrics.update(_moments("rewards/total", out.total))
         return out
@@ -146,44 +191,88 @@ class RewardSet:
         return [c.fallback if i in failed else (x - stats.mean) / (stats.std + _EPS) for i, x in enumerate(raw)]
 
     async def _run_component(self, c: RewardComponent, fn: RewardFn, kwargs: dict[str, Any], prompts: list[str],
-                             completions: list[str], columns: dict[str, list[Any]]) -> tuple[list[float], set[int]]:
+                             completions: list[str], columns: dict[str, list[Any]]
+                             ) -> tuple[list[float], set[int], set[int]]:
+        """(scores, failed, timed_out) for one component; see the module docstring."""
         clash = sorted(set(kwargs) & set(columns))
         if clash:
             raise RewardError(f"reward {_who(c)}: kwargs {clash} clash with dataset columns of the same name")
         n = len(prompts)
+        timeout = c.timeout_s if "timeout_s" in c.model_fields_set or not getattr(fn, "own_timeouts", False) \
+            else None
         try:
-            return await self._call(c, fn, prompts, completions, {**columns, **kwargs}, n), set()
+            scores = await self._call(c, fn, prompts, completions, {**columns, **kwargs}, n, timeout)
+        except TimeoutError as e:  # sync: not retried, see the module docstring
+            if _is_async(fn):
+                return await self._localise(c, fn, kwargs, prompts, completions, columns, e, timeout)
+            if c.on_error == "raise":
+                raise RewardError(f"reward {_who(c)} failed on the batch of {n}: {short_repr(e)}") from e
+            return [c.fallback] * n, set(range(n)), set(range(n))
         except Exception as e:  # noqa: BLE001  (localised below)
-            batch_error = e
-        scores, errors = [c.fallback] * n, {}
+            return await self._localise(c, fn, kwargs, prompts, completions, columns, e, timeout)
+        failed = set(getattr(scores, "failed", ())) & set(range(n))
+        timed_out = set(getattr(scores, "timed_out", ())) & failed
+        if failed and c.on_error == "raise":
+            i = min(failed)
+            why = "timed out" if i in timed_out else "could not be scored"
+            raise RewardError(f"reward {_who(c)} failed on sample {i}: it {why}")
+        return [c.fallback if i in failed else x for i, x in enumerate(scores)], failed, timed_out
+
+    async def _localise(self, c: RewardComponent, fn: RewardFn, kwargs: dict[str, Any], prompts: list[str],
+                        completions: list[str], columns: dict[str, list[Any]], batch_error: Exception,
+                        timeout: float | None) -> tuple[list[float], set[int], set[int]]:
+        """Retry sample by sample (concurrently when async) to find which samples fail."""
+        n = len(prompts)
         if n == 1:
-            errors[0] = batch_error
-        for i in range(n) if n > 1 else ():
-            one = {k: [v[i]] for k, v in columns.items()}
-            try:
-                scores[i] = (await self._call(c, fn, [prompts[i]], [completions[i]], {**one, **kwargs}, 1))[0]
-            except Exception as e:  # noqa: BLE001
-                errors[i] = e
-                if c.on_error == "raise":
-                    break
+            errors: dict[int, Exception] = {0: batch_error}
+            scores = [c.fallback]
+        else:
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+            async def one(i: int) -> float:
+                left = None if deadline is None else max(0.01, deadline - asyncio.get_running_loop().time())
+                single = {k: [v[i]] for k, v in columns.items()}
+                result = await self._call(c, fn, [prompts[i]], [completions[i]], {**single, **kwargs}, 1, left)
+                if getattr(result, "failed", None):
+                    raise RuntimeError("could not be scored")
+                return result[0]
+
+            if _is_async(fn):
+                got = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+            else:  # one thread at a time: a hung one is not joined by n more
+                got = []
+                for i in range(n):
+                    try:
+                        got.append(await one(i))
+                    except Exception as e:  # noqa: BLE001
+                        got.append(e)
+                        if isinstance(e, TimeoutError) or c.on_error == "raise":
+                            got += [e] * (n - i - 1)
+                            break
+            errors = {i: g for i, g in enumerate(got) if isinstance(g, BaseException)}
+            scores = [c.fallback if i in errors else g for i, g in enumerate(got)]
         if not errors and c.on_error == "raise":  # each sample works alone, the batch does not
             raise RewardError(f"reward {_who(c)} failed on the batch of {n} although every sample alone "
                               f"succeeds: {short_repr(batch_error)}") from batch_error
         if errors and c.on_error == "raise":
-            i, e = next(iter(errors.items()))
+            i, e = min(errors.items())
             raise RewardError(f"reward {_who(c)} failed on sample {i}: {short_repr(e)}") from e
-        return scores, set(errors)
+        if not errors:  # only the batch fails: every sample alone is fine
+            return scores, set(), set()
+        return scores, set(errors), {i for i, e in errors.items() if isinstance(e, TimeoutError)}
 
     async def _call(self, c: RewardComponent, fn: RewardFn, prompts: list[str], completions: list[str],
-                    kwargs: dict[str, Any], n: int) -> list[float]:
+                    kwargs: dict[str, Any], n: int, timeout: float | None) -> list[float]:
         try:
             if _is_async(fn):
-                result = await asyncio.wait_for(fn(prompts, completions, **kwargs), c.timeout_s)
+                result = await asyncio.wait_for(fn(prompts, completions, **kwargs), timeout)
             else:
-                result = await _in_thread(fn, (prompts, completions), kwargs, c.timeout_s, c.label)
+                result = await _in_thread(fn, (prompts, completions), kwargs, timeout, c.label)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no result within {c.timeout_s:g}s") from None
-        return validate_scores(result, n)
+            raise TimeoutError(f"no result within {timeout:g}s") from None
+        scores = validate_scores(result, n)
+        return SampleScores(scores, getattr(result, "failed", ()), getattr(result, "timed_out", ())) \
+            if isinstance(result, SampleScores) else scores
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

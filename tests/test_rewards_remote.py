@@ -95,18 +95,22 @@ def test_retries_with_backoff_on_5xx(server):
     assert time.monotonic() - t0 >= 0.05 + 0.1  # backoff 0.05, then 0.1
 
 
-# requests = attempts on the batch, then on sample 0 alone (RewardSet localises the failure); a
-# wrong-length reply is only wrong for the batch, so both single samples are asked too.
+# requests = attempts on the batch, then on both samples alone, concurrently (RewardSet localises
+# the failure). The breaker is kept out of the way here (see the outage test for it).
+NO_BREAKER = {"breaker_failures": 100}
+
+
 @pytest.mark.parametrize("path, kwargs, needle, requests", [
-    ("/bad", {}, "failed on sample 0: RewardError: remote reward", 2),  # 4xx: not retried
-    ("/notjson", {}, "not JSON", 2),
+    ("/bad", {}, "failed on sample 0: RewardError: remote reward", 3),  # 4xx: not retried
+    ("/notjson", {}, "not JSON", 3),
     ("/short", {}, "returned 1 scores for 2 samples", 3),
-    ("/flaky", {"retries": 1, "backoff_s": 0.01}, "HTTP 503: overloaded (after 2 attempts)", 4),
-    ("/slow", {"retries": 1, "backoff_s": 0.01, "timeout_s": 0.2}, "ReadTimeout", 4),
+    ("/flaky", {"retries": 1, "backoff_s": 0.01, **NO_BREAKER}, "HTTP 503: overloaded (after 2 attempts)", 6),
+    ("/slow", {"retries": 1, "backoff_s": 0.01, "timeout_s": 0.2, **NO_BREAKER}, "ReadTimeout", 6),
 ])
 def test_failures_are_one_line_reward_errors(server, path, kwargs, needle, requests):
     Handler.flaky_left = 10
-    rs = RewardSet([{"spec": "remote", "name": "rm", "kwargs": {"url": server + path, **kwargs}}])
+    rs = RewardSet([{"spec": "remote", "name": "rm", "on_error": "raise",
+                     "kwargs": {"url": server + path, **kwargs}}])
     with pytest.raises(RewardError) as e:
         rs.score(["p", "q"], ["a", "b"])
     msg = one_line(e)
@@ -118,10 +122,37 @@ def test_unreachable_server_and_bad_url():
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rs = RewardSet([{"spec": "remote", "kwargs": {"url": f"http://127.0.0.1:{port}/x", "retries": 1,
-                                                  "backoff_s": 0.01}}])
+    rs = RewardSet([{"spec": "remote", "on_error": "raise", "kwargs": {
+        "url": f"http://127.0.0.1:{port}/x", "retries": 1, "backoff_s": 0.01}}])
     with pytest.raises(RewardError) as e:
         rs.score(["p"], ["a"])
     assert "ConnectError" in one_line(e) and "after 2 attempts" in str(e.value)
     with pytest.raises(RewardError, match="must start with http"):
         RemoteReward("ftp://x")
+
+
+@pytest.mark.parametrize("path, kwargs", [
+    ("/flaky", {}),  # the service answers 503
+    ("/slow", {"timeout_s": 0.2}),  # the service hangs
+])
+def test_outage_fails_fast_in_bounded_time_with_one_line(server, path, kwargs):
+    # 16 samples during an outage: the batch's attempts open the circuit, the 16 concurrent
+    # single-sample retries fail at once without a request, the step's failure share is 100% and
+    # check_failure_share stops the run with one line naming the component.
+    from rewards import check_failure_share
+
+    Handler.flaky_left = 10**6
+    rs = RewardSet([{"spec": "remote", "name": "rm", "kwargs": {"url": server + path, "backoff_s": 0.05, **kwargs}}])
+    t0 = time.monotonic()
+    out = rs.score(["p"] * 16, ["c"] * 16)
+    elapsed = time.monotonic() - t0
+    assert out.failures["rm"] == list(range(16)) and out.raw["rm"] == [0.0] * 16
+    assert len(Handler.requests) == 3  # breaker_failures=3 attempts, then nothing more
+    assert elapsed < 3 * (kwargs.get("timeout_s", 0) + 0.5) + 0.5  # not 16 x 4 x timeout
+    with pytest.raises(RewardError) as e:
+        check_failure_share(out, 0.5)
+    assert "'rm'" in one_line(e) and "16 of 16" in str(e.value)
+    single = RemoteReward(server + path, **kwargs)
+    single._consecutive_failures, single._open_until = 3, time.monotonic() + 30
+    with pytest.raises(RewardError, match="circuit open"):
+        asyncio.run(single(["p"], ["c"]))

@@ -168,3 +168,12 @@ def test_an_all_tied_step_is_logged_and_skipped(policy, prompts, one_torch_threa
     rec = run_steps(engine, cfg, 1)[0]
     assert rec["groups/all_tied"] == 1.0 and rec["groups/kept"] == 0 and rec["dynamic/rounds"] == 2
     assert not [c for c in engine.calls if c[0] == "train_step"] and "train/loss" not in rec
+
+
+def test_routing_replay_ref_switch(policy, prompts, one_torch_thread):
+    """routing_replay_ref: true also forces the rollout's experts into the reference model."""
+    cfg = config(policy, prompts, routing_replay_ref=True)
+    engine = InProcessEngine(policy, cfg)
+    run_steps(engine, cfg, 1)
+    (ref,) = [c[1] for c in engine.calls if c[0] == "compute_logprobs"]
+    assert ref["which"] == "ref" and "routed_experts" in ref["keys"] and "temperature" in ref["keys"]

@@ -8,40 +8,28 @@ The result is a standard HF sequence-classification checkpoint (plus tokenizer) 
 """
 
 from pathlib import Path
-from typing import Annotated
 
 import torch
 from datasets import Dataset
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import RewardConfig, RewardTrainer
 
 from align.data.loading import DataSource, load_sources
 from align.models import load_reward_model, load_tokenizer, save_atomically
-from align.trl_args import check_lr_scheduler, last_trainer_checkpoint, shared_trainer_args
+from align.trl_args import TrainerSettings, last_trainer_checkpoint, shared_trainer_args
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class RMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RMConfig(TrainerSettings):
+    """Optimisation and checkpointing fields: align.trl_args.TrainerSettings."""
+
     model: str  # the SFT checkpoint directory
     train_data: list[DataSource]
     eval_data: list[DataSource] = []
     max_len: int = Field(512, gt=0)  # longer pairs are dropped by TRL, not truncated
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = Field(1e-4, gt=0)
-    lr_scheduler: Annotated[str, AfterValidator(check_lr_scheduler)] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
     center_rewards_coefficient: float | None = None
-    seed: int = 0
-    logging_steps: int = Field(10, gt=0)
-    save_steps: int = Field(200, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
-    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept")
     output_dir: str = "runs/rm"
 
 

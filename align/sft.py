@@ -7,12 +7,11 @@ The final checkpoint (Hugging Face layout plus tokenizer) is written atomically 
 """
 
 import re
-from typing import Annotated
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
@@ -20,7 +19,7 @@ from trl import SFTTrainer
 from align.data.loading import DataSource, load_sources
 from align.errors import UserError
 from align.models import PRESETS, load_policy, load_tokenizer, save_atomically
-from align.trl_args import check_lr_scheduler, last_trainer_checkpoint, shared_trainer_args
+from align.trl_args import TrainerSettings, last_trainer_checkpoint, shared_trainer_args
 
 
 class LoraSettings(BaseModel):
@@ -53,27 +52,16 @@ class LoraSettings(BaseModel):
         )
 
 
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SFTConfig(TrainerSettings):
+    """Optimisation and checkpointing fields: align.trl_args.TrainerSettings."""
+
     model: str = "tiny"  # a preset name or a checkpoint directory
     train_data: list[DataSource]
     eval_data: list[DataSource] = []
     max_len: int = Field(512, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = Field(1e-4, gt=0)
-    lr_scheduler: Annotated[str, AfterValidator(check_lr_scheduler)] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
     packing: bool = False
     lora: LoraSettings | None = None
     merge_lora_on_save: bool = True
-    seed: int = 0
-    logging_steps: int = Field(10, gt=0)
-    save_steps: int = Field(200, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
-    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept")
     output_dir: str = "runs/sft"
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 def check_lr_scheduler(name: str) -> str:
@@ -17,7 +19,25 @@ def check_lr_scheduler(name: str) -> str:
     return name
 
 
-def shared_trainer_args(cfg) -> dict:
+class TrainerSettings(BaseModel):
+    """The optimisation and checkpointing fields the SFT and reward-model configs share (TRL trainer args)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = Field(1e-4, gt=0)
+    lr_scheduler: Annotated[str, AfterValidator(check_lr_scheduler)] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seed: int = 0
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, ge=0, description="resumable checkpoint every N optimizer steps (0 = none)")
+    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept")
+
+
+def shared_trainer_args(cfg: TrainerSettings) -> dict:
     """Device and precision, optimisation, resumable checkpoints; no evaluation or reporting inside TRL (we do those)."""
     cuda = torch.cuda.is_available()
     return dict(

@@ -7,10 +7,10 @@ Heavy modules (transformers, the sandbox, math-verify) load only when used.
 
 from rewards.combine import (RewardComponent, RewardOutput, RewardSet, RunningMeanStd, SampleScores,
                              check_failure_share, own_timeouts, validate_scores)
-from rewards.errors import RewardError, RewardSpecError
+from rewards.errors import RewardError, RewardSetupError, RewardSpecError
 from rewards.registry import register, registered, resolve
 
 __all__ = [
-    "RewardComponent", "RewardError", "RewardOutput", "RewardSet", "RewardSpecError", "RunningMeanStd",
-    "SampleScores", "check_failure_share", "own_timeouts", "register", "registered", "resolve", "validate_scores",
+    "RewardComponent", "RewardError", "RewardOutput", "RewardSet", "RewardSetupError", "RewardSpecError",
+    "RunningMeanStd", "SampleScores", "check_failure_share", "own_timeouts", "register", "registered", "resolve", "validate_scores",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rewards.combine import SampleScores, own_timeouts
-from rewards.errors import RewardError
+from rewards.errors import RewardSetupError
 from rewards.registry import register
 from rewards.sandbox import Sandbox, SandboxConfig, extract_code
 
@@ -34,6 +34,6 @@ def code_reward(prompts: list[str], completions: list[str], tests: list[Any],
     results = box.run_many(codes, list(tests), list(entry_point) if entry_point is not None else None)
     for i, r in enumerate(results):
         if r.status == "setup-error":  # our infrastructure, not the sample: never a silent 0
-            raise RewardError(f"sample {i}: the code sandbox could not start: {r.detail}")
+            raise RewardSetupError(f"sample {i}: the code sandbox could not start: {r.detail}")
     return SampleScores([r.score for r in results], timed_out=[i for i, r in enumerate(results)
                                                                if r.status == "timeout"])

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rewards.errors import RewardError, RewardSpecError, short_repr
+from rewards.errors import RewardError, RewardSetupError, RewardSpecError, short_repr
 from rewards.registry import RewardFn, resolve
 
 _EPS = 1e-8
@@ -202,6 +202,8 @@ class RewardSet:
             else None
         try:
             scores = await self._call(c, fn, prompts, completions, {**columns, **kwargs}, n, timeout)
+        except RewardSetupError as e:
+            raise RewardSetupError(f"reward {_who(c)}: {e}") from None
         except TimeoutError as e:  # sync: not retried, see the module docstring
             if _is_async(fn):
                 return await self._localise(c, fn, kwargs, prompts, completions, columns, e, timeout)

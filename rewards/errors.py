@@ -5,6 +5,11 @@ class RewardError(Exception):
     """A reward could not be computed (a function raised, timed out or returned bad scores)."""
 
 
+class RewardSetupError(RewardError):
+    """A reward cannot run here at all (its infrastructure, e.g. the code sandbox's isolation), so
+    no sample can be scored: RewardSet raises it whatever `on_error` says, never a per-sample 0."""
+
+
 class RewardSpecError(RewardError):
     """A reward spec (registered name or `package.module:function`) cannot be resolved."""
 

@@ -11,8 +11,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from math_verify import parse, verify
-
+from rewards.combine import SampleScores, own_timeouts
+from rewards.proc_pool import ProcessPool, TaskTimeout
 from rewards.registry import register
 
 _GSM8K = re.compile(r"####\s*([^\n]+)")
@@ -48,31 +48,61 @@ def final_answer(text: str) -> str:
     return text
 
 
-def _math_timeout() -> int | None:
-    # math-verify times out with signal.alarm, which only works on the main thread. RewardSet runs
-    # sync rewards in worker threads and enforces its own wall-clock timeout there.
-    return 5 if threading.current_thread() is threading.main_thread() else None
+_pools: dict[int, ProcessPool] = {}
+_pools_lock = threading.Lock()
+
+
+def math_pool(workers: int) -> ProcessPool:
+    """The process-wide pool of math-verify workers (spawned on first use, kept warm)."""
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ProcessPool(workers, preload=("rewards.rule", "math_verify"))
+        return _pools[workers]
 
 
 @register("math_accuracy")
-def math_accuracy(prompts: list[str], completions: list[str], answer: list[Any], **_: Any) -> list[float]:
+@own_timeouts
+def math_accuracy(prompts: list[str], completions: list[str], answer: list[Any], timeout_s: float = 5.0,
+                  workers: int = 2, **_: Any) -> SampleScores:
     """1.0 if the completion's final answer is mathematically equal to the gold `answer` column
-    (\\boxed{}, '#### 42' or 'answer: 42'; 1/2 == 0.5 == \\frac{1}{2}), else 0.0."""
-    timeout = _math_timeout()
-    scores = []
-    for i, (completion, gold) in enumerate(zip(completions, answer, strict=True)):
-        gold_parsed = _parse_math(final_answer(str(gold)), timeout)
-        if not gold_parsed:
-            raise ValueError(f"sample {i}: cannot parse the gold answer {str(gold)[:80]!r}")
-        pred = _parse_math(final_answer(completion), timeout)
-        scores.append(float(bool(pred) and verify(gold_parsed, pred, timeout_seconds=timeout)))
-    return scores
+    (\\boxed{}, '#### 42' or 'answer: 42'; 1/2 == 0.5 == \\frac{1}{2}), else 0.0.
+
+    Each sample is parsed and verified in a worker process (rewards/proc_pool.py) that is killed
+    when it runs past `timeout_s` (sympy can hang on inputs like 10^{10^{10}}): such a sample
+    scores 0 and is reported as a timeout. A gold answer that cannot be parsed is a data error."""
+    got = math_pool(workers).map("rewards.rule:score_math", [(c, str(g)) for c, g in zip(completions, answer,
+                                                                                        strict=True)], timeout_s)
+    scores, timed_out = [], []
+    for i, r in enumerate(got):
+        if isinstance(r, ValueError):
+            raise ValueError(f"sample {i}: {r}")
+        if isinstance(r, Exception):
+            if not isinstance(r, TaskTimeout):
+                raise r
+            timed_out.append(i)
+            r = 0.0
+        scores.append(r)
+    return SampleScores(scores, timed_out=timed_out)
 
 
-def _parse_math(snippet: str, timeout: int | None) -> list:
+def score_math(completion: str, gold: str) -> float:
+    """One sample, in a math worker: no math-verify timeout of its own, the pool kills overruns."""
+    import logging  # noqa: PLC0415
+
+    from math_verify import parse, verify  # noqa: PLC0415  (sympy: only in the workers)
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings
+    gold_parsed = _parse_math(parse, final_answer(gold))
+    if not gold_parsed:
+        raise ValueError(f"cannot parse the gold answer {gold[:80]!r}")
+    pred = _parse_math(parse, final_answer(completion))
+    return float(bool(pred) and verify(gold_parsed, pred, timeout_seconds=None))
+
+
+def _parse_math(parse, snippet: str) -> list:
     # Re-box the snippet so LaTeX answers get math-verify's boxed handling; plain text parses too.
-    parsed = parse(f"\\boxed{{{snippet}}}", parsing_timeout=timeout)
-    return parsed or parse(snippet, parsing_timeout=timeout)
+    parsed = parse(f"\\boxed{{{snippet}}}", parsing_timeout=None)
+    return parsed or parse(snippet, parsing_timeout=None)
 
 
 def _normalize(text: str) -> str:
@@ -146,27 +176,31 @@ def length_penalty(prompts: list[str], completions: list[str], target: int = 512
 
 
 @register("reasoning")
+@own_timeouts
 def reasoning_reward(prompts: list[str], completions: list[str], answer: list[Any] | None = None,
-                     tests: list[Any] | None = None, entry_point: list[Any] | None = None, **_: Any) -> list[float]:
+                     tests: list[Any] | None = None, entry_point: list[Any] | None = None, **_: Any) -> SampleScores:
     """Stage 1's rule reward over a math + code mixture: each row is scored by the check its columns
-    call for (math-verify against `answer`, or the sandboxed unit `tests`)."""
+    call for (math-verify against `answer`, or the sandboxed unit `tests`). Both bound each
+    sample's time themselves; their timeouts are this reward's failures."""
     from rewards.code_reward import code_reward
 
     n = len(completions)
     answer = answer if answer is not None else [None] * n
     tests = tests if tests is not None else [None] * n
     entry_point = entry_point if entry_point is not None else [None] * n
-    scores = [0.0] * n
+    scores, timed_out = [0.0] * n, []
     math_rows = [i for i in range(n) if answer[i] not in (None, "")]
     code_rows = [i for i in range(n) if tests[i] not in (None, "") and i not in set(math_rows)]
     if math_rows:
         got = math_accuracy([prompts[i] for i in math_rows], [completions[i] for i in math_rows],
                             answer=[answer[i] for i in math_rows])
-        for i, s in zip(math_rows, got):
+        for k, (i, s) in enumerate(zip(math_rows, got)):
             scores[i] = s
+            timed_out += [i] if k in got.timed_out else []
     if code_rows:
         got = code_reward([prompts[i] for i in code_rows], [completions[i] for i in code_rows],
                           tests=[tests[i] for i in code_rows], entry_point=[entry_point[i] for i in code_rows])
-        for i, s in zip(code_rows, got):
+        for k, (i, s) in enumerate(zip(code_rows, got)):
             scores[i] = s
-    return scores
+            timed_out += [i] if k in got.timed_out else []
+    return SampleScores(scores, timed_out=timed_out)

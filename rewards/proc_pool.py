@@ -107,25 +107,27 @@ class ProcessPool:
     def run(self, target: str, args: tuple, timeout: float) -> Any:
         """target(*args) in a worker; TaskTimeout if it runs past `timeout` (the worker is killed)."""
         proc = self.idle.get()
+        timed_out = False
         try:
             if proc is None or proc.poll() is not None:
                 proc = self._spawn()
             _send(proc.stdin, (target, args))
-            if not select.select([proc.stdout], [], [], timeout)[0]:
-                proc.kill()
-                proc.wait()
-                self.killed += 1
-                proc = None
-                raise TaskTimeout(f"{target} ran past {timeout:g}s and was killed")
-            ok, value = _recv(proc.stdout.fileno())
-        except (EOFError, BrokenPipeError, OSError) as e:
-            if proc is not None:
-                proc.kill()
-                proc.wait()
+            if select.select([proc.stdout], [], [], timeout)[0]:
+                ok, value = _recv(proc.stdout.fileno())
+            else:
+                timed_out = True
+        except (EOFError, OSError) as e:
+            _kill(proc)
             proc = None
             raise RuntimeError(f"{target}: the worker died ({type(e).__name__})") from None
         finally:
+            if timed_out:
+                _kill(proc)
+                self.killed += 1
+                proc = None
             self.idle.put(proc)
+        if timed_out:
+            raise TaskTimeout(f"{target} ran past {timeout:g}s and was killed")
         if not ok:
             raise value
         return value
@@ -146,6 +148,12 @@ class ProcessPool:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    if proc is not None:
+        proc.kill()
+        proc.wait()
 
 
 def _worker_main(parent: int, memory_mb: int, preload: list[str]) -> None:

@@ -142,17 +142,17 @@ AS_ANOTHER_UID = textwrap.dedent('''
                     os.makedirs(p, exist_ok=True)
                     mount(f"/proc/self/fd/{fd}", p, None, 4096 | 16384)
     if sys.argv[1] == "no-userns":  # a user namespace of our own that allows no further ones
-        r, w = os.pipe()
+        to_parent, to_child = os.pipe(), os.pipe()
         pid = os.fork()
         if pid:
-            os.read(r, 1)
+            assert os.read(to_parent[0], 1) == b"u"
             for name in ("uid_map", "gid_map"):
                 open(f"/proc/{pid}/{name}", "w").write("0 0 4294967295")
-            os.write(w, b"m")
+            os.write(to_child[1], b"m")
             sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
         assert libc.unshare(0x10000000) == 0
-        os.write(w, b"u")
-        os.read(r, 1)
+        os.write(to_parent[1], b"u")
+        assert os.read(to_child[0], 1) == b"m"
         open("/proc/sys/user/max_user_namespaces", "w").write("0")
     os.setgroups([])
     os.setgid(65534)

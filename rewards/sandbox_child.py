@@ -5,10 +5,10 @@ the standard library is used (-S: no site-packages). Everything privileged and e
 BEFORE the untrusted code is compiled:
 
   1. read the job, then point fds 0/1/2 at /dev/null; the original stdout becomes the result fd.
-  2. strong isolation (sandbox_ns.py): P creates a PID namespace and forks X, its pid 1; X enters
-     user, mount, network and IPC namespaces (P writes its uid map from outside), builds the
-     private root with the bounded tmpfs work dir, drops every capability, then forks the worker
-     W. Where the kernel refuses a namespace, P refuses the run with one line naming
+  2. strong isolation (sandbox_ns.py): P creates PID and mount namespaces, stages the private
+     read-only root with the bounded tmpfs work dir, and forks X, its pid 1; X enters user, mount,
+     network and IPC namespaces (P writes its uid map from outside), pivots into the root, drops
+     every capability, then forks the worker W. Where the kernel refuses a namespace, P refuses the run with one line naming
      `allow_weak_isolation: true`; only with it does W run under the audit hook alone (as root,
      under a fresh uid where the stdlib is reachable).
   3. W sets the resource limits, installs the audit hook (sandbox_guard.py) and runs the solution

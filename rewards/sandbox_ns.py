@@ -10,15 +10,18 @@ Used by sandbox_child.py before any untrusted code exists. The design, in the or
 * User namespace. X unshares CLONE_NEWUSER with mount, network and IPC namespaces; P (still outside)
   writes X's uid/gid maps: inside, X is uid 1000; outside it is a fresh random uid as root (so
   RLIMIT_NPROC binds and a kill-by-uid sweep finds strays) or the trainer's own uid otherwise. X then
-  forbids nested user namespaces (max_user_namespaces=0 in its namespace) and, once the file system
-  is built, drops every capability: the code runs without privilege even inside its namespace.
-* File system. A new root on a small read-only tmpfs holding read-only bind mounts of only what the
+  forbids nested user namespaces (max_user_namespaces=0 in its namespace) and, once in its root,
+  drops every capability: the code runs without privilege even inside its namespace.
+* File system. P, in a mount namespace of its own (it can still reach everything), stages a new
+  root (`stage_root`): a small read-only tmpfs holding read-only bind mounts of only what the
   interpreter needs (its stdlib, /usr and the /lib* dirs for shared libraries, /etc/ld.so.cache,
-  /dev/null, /dev/zero, /dev/urandom). pivot_root + detaching the old root makes everything else
-  unreachable, even by a chroot escape: the trainer's working directory, home, checkpoints. The only
-  writable place is the work dir: a second tmpfs at /tmp bounded in bytes (size=) and in files
-  (nr_inodes=), so no completion can fill the disk or RAM with one big file or many small ones.
-  There is no /proc and no /sys.
+  /dev/null, /dev/zero, /dev/urandom), and the work dir: a second tmpfs at /tmp bounded in bytes
+  (size=) and in files (nr_inodes=), so no completion can fill the disk or RAM with one big file
+  or many small ones. X pivots into it (`enter_root`) and detaches the old root, so everything
+  else is unreachable, even by a chroot escape: the trainer's working directory, home,
+  checkpoints. The work dir is the only writable place; there is no /proc and no /sys.
+  (Binding has to happen in P: the kernel refuses bind sources from another mount namespace,
+  and the fresh uid may not traverse e.g. /root to the interpreter.)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 MNT_DETACH, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 2, 1, 38
-SYS_PIVOT_ROOT = 155  # x86_64 and aarch64 differ: looked up below
+SYS_PIVOT_ROOT = 155  # x86_64 (aarch64: 41, chosen in enter_root)
 INNER_ID = 1000  # the code's uid/gid inside its user namespace
 WORKDIR = "/tmp"  # inside the new root
 _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC), (1024, MS_NOATIME),

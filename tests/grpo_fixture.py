@@ -88,3 +88,10 @@ class InProcessEngine:
 
     def shutdown(self) -> None:
         self.rollout.shutdown()
+
+
+def fails_on_long(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Raises unless every completion is empty (on_error=fallback then scores them one by one)."""
+    if any(completions):
+        raise ValueError("cannot score a non-empty completion")
+    return [1.0] * len(completions)

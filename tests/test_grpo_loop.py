@@ -177,3 +177,17 @@ def test_routing_replay_ref_switch(policy, prompts, one_torch_thread):
     run_steps(engine, cfg, 1)
     (ref,) = [c[1] for c in engine.calls if c[0] == "compute_logprobs"]
     assert ref["which"] == "ref" and "routed_experts" in ref["keys"] and "temperature" in ref["keys"]
+
+
+def test_a_reward_failing_on_most_samples_stops_the_step(policy, prompts, one_torch_thread):
+    import rewards.combine
+    from rewards.errors import RewardError
+
+    if not hasattr(rewards.combine, "check_failure_share"):
+        pytest.skip("rewards.combine.check_failure_share not available")
+    cfg = config(policy, prompts, rewards=[RewardComponent(spec="tests.grpo_fixture:fails_on_long", name="flaky",
+                                                           on_error="fallback")])
+    engine = InProcessEngine(policy, cfg)
+    with pytest.raises(RewardError, match="flaky"):
+        run_steps(engine, cfg, 1)
+    assert not [c for c in engine.calls if c[0] == "train_step"]

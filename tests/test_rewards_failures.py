@@ -41,12 +41,12 @@ def test_a_hanging_math_verify_input_is_killed_within_its_timeout():
     assert math_accuracy(["q"], ["\\boxed{2}"], answer=["2"], timeout_s=30) == [1.0]  # workers warm
     killed = pool.killed
     t0 = time.monotonic()
-    got = math_accuracy(["q"] * 2, ["\\boxed{10^{10^{10}}}", "\\boxed{1/2}"], answer=["2", "0.5"], timeout_s=1.5)
+    got = math_accuracy(["q"] * 2, ["\\boxed{10^{10^{10}}}", "\\boxed{1/2}"], answer=["2", "0.5"], timeout_s=2.5)
     elapsed = time.monotonic() - t0
-    assert list(got) == [0.0, 1.0] and got.timed_out == {0} and got.failed == {0}
+    assert (list(got), got.timed_out, got.failed) == ([0.0, 1.0], {0}, {0}), (got, got.timed_out, elapsed)
     assert pool.killed == killed + 1  # it really hung: its worker had to be killed
-    assert elapsed < 1.5 + 1.0
-    out = RewardSet([{"spec": "math_accuracy", "kwargs": {"timeout_s": 1.5}}]).score(
+    assert elapsed < 2.5 + 2.0  # killed at its timeout (margin: two shared, busy cores)
+    out = RewardSet([{"spec": "math_accuracy", "kwargs": {"timeout_s": 2.5}}]).score(
         ["q", "q"], ["\\boxed{10^{10^{10}}}", "#### 3"], answer=["2", "3"])
     assert out.raw["math_accuracy"] == [0.0, 1.0] and out.timeouts["math_accuracy"] == [0]
 

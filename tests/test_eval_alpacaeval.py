@@ -184,3 +184,89 @@ def test_same_seed_same_order_other_seed_other_order():
     b = annotate(model, ref, list(range(60)), judge, seed=1)["is_switched_outputs"]
     c = annotate(model, ref, list(range(60)), judge, seed=2)["is_switched_outputs"]
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+# --- AlpacaEval 2.0's weighted annotator -------------------------------------------------------------------------
+
+LOGPROB_CASES = [
+    {"m": -0.0176, "M": -4.0488, "Both": -14.9},     # confident m
+    {"M": -0.02, "m": -3.9, "The": -9.0},            # confident M
+    {"m": -0.69, "M": -0.70},                        # nearly even
+    {"M": -0.3, "Based": -2.0},                      # m missing: probability 0
+    {"m": -1.2},                                     # M missing
+]
+
+
+def as_openai_completion(top: dict[str, float]) -> dict:
+    """The completion alpaca_eval's logprob_parser reads (OpenAI chat logprobs, one token)."""
+    tops = [{"token": t, "logprob": lp} for t, lp in top.items()]
+    return {"logprobs": {"content": [{"token": tops[0]["token"], "logprob": tops[0]["logprob"], "top_logprobs": tops}]}}
+
+
+@pytest.mark.parametrize("top", LOGPROB_CASES)
+def test_weighted_preference_equals_alpaca_evals_logprob_parser(top):
+    """weighted_alpaca_eval_gpt4_turbo's completion parser: logprob_parser(numerator m, denominator [m, M],
+    is_binarize False); ours must give the same number."""
+    from alpaca_eval.completion_parsers import logprob_parser
+
+    from align.eval.alpacaeval import weighted_preference
+
+    want = logprob_parser(as_openai_completion(top), numerator_token="m", denominator_tokens=["m", "M"],
+                          is_binarize=False)[0]
+    assert weighted_preference(top) == pytest.approx(want, abs=1e-12)
+    assert np.isnan(weighted_preference({"Both": -0.1})) and np.isnan(weighted_preference(None))
+
+
+class LogprobJudge:
+    """Returns fixed first-token log-probs: the first output shown gets P(m) = p_first; None for `text_only` rows."""
+
+    name, caveat = "logprob-judge", None
+
+    def __init__(self, p_first: float, text_only: set[str] = frozenset()):
+        self.p_first, self.text_only, self.asked = p_first, text_only, []
+
+    def first_token_logprobs(self, requests):
+        self.asked += [r.dialogs[0][0]["content"] for r in requests]
+        return [None if r.dialogs[0][0]["content"] in self.text_only else
+                {"m": float(np.log(self.p_first)), "M": float(np.log(1 - self.p_first))} for r in requests]
+
+    def judge(self, requests):
+        return ["M"] * len(requests)   # the text fallback: the second output shown wins
+
+
+def test_weighted_annotations_flip_with_the_shown_order_and_identical_outputs_draw():
+    model = [{"instruction": f"q{i}", "output": "same" if i == 0 else f"model {i}", "generator": "m"} for i in range(6)]
+    ref = [{"instruction": f"q{i}", "output": "same" if i == 0 else f"ref {i}", "generator": "r"} for i in range(6)]
+    judge = LogprobJudge(p_first=0.8, text_only={"q5"})
+    ann = annotate(model, ref, list(range(6)), judge, seed=123)
+    assert ann.loc[0, "preference"] == 1.5 and ann.loc[0, "annotation"] == "identical"
+    assert "q0" not in judge.asked                                     # a draw is not judged
+    for i in range(1, 5):                                              # P(first shown wins) = 0.8
+        shown_first_is_model = bool(ann.loc[i, "is_switched_outputs"])
+        assert ann.loc[i, "annotation"] == "weighted"
+        assert ann.loc[i, "preference"] == pytest.approx(1.2 if not shown_first_is_model else 1.8)
+    assert ann.loc[5, "annotation"] == "binarized"                    # no log-probs: the reply text decides
+    assert ann.loc[5, "preference"] == (1.0 if ann.loc[5, "is_switched_outputs"] else 2.0)
+
+
+def test_annotator_label_is_in_every_output(tmp_path):
+    from align.eval.alpacaeval import annotator_label, run_alpacaeval
+
+    assert annotator_label(["weighted", "identical"]).startswith("weighted")
+    assert annotator_label(["binarized", "identical"]).startswith("binarized")
+    assert annotator_label(["weighted", "binarized"]).startswith("mixed: 1 of 2")
+
+    class Chat:
+        def chat(self, convs, temperature, max_tokens):
+            return [f"answer {i}" for i in range(len(convs))]
+
+    refs = [{"instruction": f"q{i}", "output": "x" * (5 + i % 7), "generator": "ref", "dataset": "d"}
+            for i in range(12)]
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(refs))
+    res = run_alpacaeval(Chat(), LogprobJudge(0.3), tmp_path / "out", "mine", path, lc_glm="length_controlled_minimal")
+    assert res["annotator"].startswith("weighted")
+    assert "annotator: weighted" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["annotator"].startswith("weighted")
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert board["annotator"][0].startswith("weighted") and board["lc_glm"][0] == "length_controlled_minimal"

@@ -172,3 +172,29 @@ def test_reward_model_reports_are_labelled(tiny_rm, tmp_path):
     assert res["caveat"] == REWARD_MODEL_CAVEAT and res["mt_bench"]["n_failed"] == 0
     for report in ("summary.md", "mt_bench/report.md"):
         assert REWARD_MODEL_CAVEAT in (tmp_path / report).read_text()
+
+
+def test_openai_judge_first_token_logprobs_as_alpaca_eval_asks_for_them():
+    """weighted_alpaca_eval_gpt4_turbo's request (1 token, temperature 1, top 5 log-probs); an endpoint that returns
+    no log-probs gives None, so the caller falls back to the reply text."""
+    import httpx
+
+    sent = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        sent.append(body)
+        choice = {"message": {"content": "m"}}
+        if "nolp" not in body["messages"][1]["content"]:
+            choice["logprobs"] = {"content": [{"token": "m", "logprob": -0.1, "top_logprobs": [
+                {"token": "m", "logprob": -0.1}, {"token": "M", "logprob": -2.4}]}]}
+        return httpx.Response(200, json={"choices": [choice]})
+
+    judge = OpenAIJudge("http://judge.test/v1", "gpt-x", concurrency=2)
+    judge._client = httpx.Client(base_url="http://judge.test/v1", transport=httpx.MockTransport(handler))
+    got = judge.first_token_logprobs([JudgeRequest("s", "u1", "alpaca"), JudgeRequest("s", "nolp", "alpaca")])
+    assert got == [{"m": -0.1, "M": -2.4}, None]
+    assert all(b["max_tokens"] == 1 and b["temperature"] == 1.0 and b["logprobs"] is True and b["top_logprobs"] == 5
+               for b in sent)
+    judge.logprobs = False
+    assert judge.first_token_logprobs([JudgeRequest("s", "u1", "alpaca")]) == [None]

@@ -139,7 +139,7 @@ def test_full_mtbench_single_flow_against_http_judge(server_single, tmp_path, mo
     monkeypatch.setenv("TEST_JUDGE_KEY", API_KEY)
     stub = StubChat()
     cfg = EvalConfig(model_id="stub-model", output_dir=tmp_path,
-                     mtbench={"data_dir": DATA, "max_tokens": 64},
+                     mtbench={"data_dir": DATA, "max_tokens": 64, "judge_retries": 2},  # the opt-in re-ask
                      judge={"kind": "openai", "base_url": srv.url, "model": "judge-x", "api_key_env": "TEST_JUDGE_KEY",
                             "concurrency": 4})
     results = run_eval(cfg, chat_model=stub)
@@ -173,6 +173,7 @@ def test_full_mtbench_single_flow_against_http_judge(server_single, tmp_path, mo
         assert r["score"] == (-1 if qid in ALWAYS_BAD else expected_score(qid, turn))
         assert seen[(qid, turn)] == (3 if qid in ALWAYS_BAD else 2 if qid in FLAKY or (qid, turn) in HTTP_500_ONCE else 1)
     assert mt["n_failed"] == 2 * len(ALWAYS_BAD) and mt["n_judgments"] == 160
+    assert mt["judge_retries"] == 2 and "re-ask on" in (tmp_path / "mt_bench" / "report.md").read_text()
 
     # Prompts filled as FastChat does (checked with plain str.replace on the raw templates) + system prompts sent.
     ans = lambda qid, t: answers[qid]["choices"][0]["turns"][t]  # noqa: E731
@@ -202,7 +203,7 @@ def test_full_mtbench_single_flow_against_http_judge(server_single, tmp_path, mo
         assert table.loc[cat, "average"] == pytest.approx(g["s"].mean())
         assert table.loc[cat, "turn_2"] == pytest.approx(g[g.turn == 2]["s"].mean())
     summary = (tmp_path / "summary.md").read_text()
-    assert f"{df['s'].mean():.2f}" in summary and "failed (unparseable after retries, excluded): 6" in summary
+    assert f"{df['s'].mean():.2f}" in summary and "failed (unparseable after 2 re-ask(s), score -1, excluded): 6" in summary
     assert json.loads((tmp_path / "results.json").read_text())["mt_bench"]["n_failed"] == 6
 
 
@@ -215,9 +216,36 @@ def test_retries_are_configurable(server_single, tmp_path, monkeypatch):
     res = run_mtbench(StubChat(), judge, tmp_path, "m", data, judge_retries=0)
     recs = {(r["question_id"], r["turn"]): r["score"] for r in
             map(json.loads, open(tmp_path / "model_judgment/judge-x_single.jsonl"))}
-    # No retries: the flaky question now fails too; 86 is scored normally.
+    # No retries (FastChat's behaviour, the default): the flaky question now fails too, recorded as -1 and
+    # excluded; 86 is scored normally; the report says no re-ask ran.
     assert recs[(82, 1)] == -1 and recs[(81, 2)] == -1 and recs[(86, 1)] == expected_score(86, 1)
     assert seen[(81, 1)] == 1 and res["n_failed"] == 4
+    report = (tmp_path / "report.md").read_text()
+    assert "excluded as in FastChat" in report and "re-ask on" not in report
+    from align.eval.run import MTBenchConfig
+    assert MTBenchConfig().judge_retries == 0
+
+
+def test_subsample_draws_across_all_categories_and_says_which():
+    from align.eval.mtbench import select_questions
+
+    questions = load_mtbench(DATA).questions
+    picked = select_questions(questions, 8, seed=0)
+    assert len({q["category"] for q in picked}) == 8 == len(picked)
+    assert [q["question_id"] for q in picked] == sorted(q["question_id"] for q in picked)   # benchmark order
+    assert select_questions(questions, 8, seed=0) == picked                                # seeded
+    assert select_questions(questions, 8, seed=1) != picked
+    assert len({q["category"] for q in select_questions(questions, 20, seed=0)}) == 8
+    assert select_questions(questions, None) == questions
+
+
+def test_subsampled_run_lists_its_questions(server_single, tmp_path, monkeypatch):
+    srv, _ = server_single
+    monkeypatch.setenv("TEST_JUDGE_KEY", API_KEY)
+    judge = OpenAIJudge(srv.url, "judge-x", api_key_env="TEST_JUDGE_KEY", backoff_s=0.01)
+    res = run_mtbench(StubChat(), judge, tmp_path, "m", load_mtbench(DATA), max_questions=8)
+    assert res["subsampled"] and len(res["question_ids"]) == 8
+    assert str(res["question_ids"]) in (tmp_path / "report.md").read_text()
 
 
 def test_pairwise_mode_both_orders(tmp_path, monkeypatch):
@@ -248,7 +276,7 @@ def test_pairwise_mode_both_orders(tmp_path, monkeypatch):
         stub = StubChat(marker=lambda qid: "GOOD " if qid % 3 == 0 else "")
         judge = OpenAIJudge(srv.url, "judge-x", api_key_env="TEST_JUDGE_KEY")
         res = run_mtbench(stub, judge, tmp_path / "out", "stub", load_mtbench(DATA), mode="pair",
-                          baseline_answers=baseline)
+                          baseline_answers=baseline, judge_retries=2)
     finally:
         srv.close()
     recs = [json.loads(l) for l in open(tmp_path / "out/model_judgment/judge-x_pair.jsonl")]
@@ -314,7 +342,8 @@ def test_hf_chat_model_on_tiny_llama(server_single, tmp_path, monkeypatch):
     shutil.copy(DATA / "judge_prompts.jsonl", data_dir)
     shutil.copy(DATA / "reference_answer/gpt-4.jsonl", data_dir / "reference_answer")
 
-    cfg = EvalConfig(model_path=ckpt, generator="hf", output_dir=tmp_path / "eval", mtbench={"data_dir": data_dir, "max_tokens": 6},
+    cfg = EvalConfig(model_path=ckpt, generator="hf", output_dir=tmp_path / "eval",
+                     mtbench={"data_dir": data_dir, "max_tokens": 6, "judge_retries": 2},
                      judge={"kind": "openai", "base_url": srv.url, "model": "judge-x", "api_key_env": "TEST_JUDGE_KEY"})
     mt = run_eval(cfg)["mt_bench"]
     answers = {json.loads(l)["question_id"]: json.loads(l)["choices"][0]["turns"]

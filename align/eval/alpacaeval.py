@@ -15,6 +15,7 @@ The report always says which GLM ran and where df_gamed came from.
 
 import importlib.resources
 import io
+import json
 import math
 import warnings
 from pathlib import Path
@@ -77,6 +78,23 @@ def parse_preference(reply: str) -> float:
     return 1.0 if token == "m" else 2.0 if token == "M" else math.nan
 
 
+def weighted_preference(top_logprobs: dict[str, float] | None) -> float:
+    """AlpacaEval 2.0's default annotator (weighted_alpaca_eval_gpt4_turbo): the judge's probability mass on
+    the two labels, as a continuous preference in [1, 2] (1 = first output shown, 2 = second):
+
+        p = 2 - P(m) / (P(m) + P(M))      over the first reply token's top log-probs (a missing label has P = 0)
+
+    NaN when neither label is among the top log-probs (then the reply text is parsed instead)."""
+    if not top_logprobs:
+        return math.nan
+    lp_m, lp_big = top_logprobs.get("m", -math.inf), top_logprobs.get("M", -math.inf)
+    if lp_m == -math.inf and lp_big == -math.inf:
+        return math.nan
+    top = max(lp_m, lp_big)
+    p_m = math.exp(lp_m - top) / (math.exp(lp_m - top) + math.exp(lp_big - top))
+    return 2.0 - p_m
+
+
 def _flip(df: pd.DataFrame) -> pd.DataFrame:  # preference of a switched row, seen from the unswitched order
     if df.empty or "preference" not in df.columns:
         return df
@@ -87,7 +105,11 @@ def annotate(model_outputs: list[dict], reference: list[dict], positions: list[i
              seed: int = 123, retries: int = 2) -> pd.DataFrame:
     """Pairwise annotations in alpaca_eval's format (output_1 = reference, output_2 = model, preference in [1, 2],
     2 = model wins, NaN = judge reply unparseable after retries). The index is the instruction's position in the
-    evaluation set, which alpaca_eval's LC GLM uses to look up instruction difficulty."""
+    evaluation set, which alpaca_eval's LC GLM uses to look up instruction difficulty.
+
+    Preference per row, column `annotation`: "weighted" when the judge returned first-token log-probs
+    (weighted_preference, AlpacaEval 2.0's default annotator), "binarized" when only its reply text could be
+    parsed (m -> 1, M -> 2), "identical" when both outputs are the same string (a draw, 1.5, not judged)."""
     df = pd.DataFrame({
         "dataset": [r.get("dataset", "alpaca_eval") for r in model_outputs],
         "instruction": [r["instruction"] for r in model_outputs],
@@ -108,9 +130,21 @@ def annotate(model_outputs: list[dict], reference: list[dict], positions: list[i
         dialogs = tuple([{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row[c]}]
                         for c in ("output_1", "output_2"))
         requests.append(JudgeRequest(system, user, "alpaca", dialogs))
-    results = judge_with_retries(judge, requests, parse_preference, math.isnan, retries)
-    shown["preference"] = [p for p, _ in results]
-    shown["raw_completion"] = [reply for _, reply in results]
+    same = (shown["output_1"] == shown["output_2"]).tolist()
+    pending = [i for i in range(len(requests)) if not same[i]]
+    preference, how, raw = [1.5] * len(requests), ["identical"] * len(requests), [""] * len(requests)
+    logprobs = judge.first_token_logprobs([requests[i] for i in pending]) if pending else []
+    text_only = []
+    for i, top in zip(pending, logprobs):
+        p = weighted_preference(top)
+        if math.isnan(p):
+            text_only.append(i)
+        else:
+            preference[i], how[i], raw[i] = p, "weighted", json.dumps(top)
+    results = judge_with_retries(judge, [requests[i] for i in text_only], parse_preference, math.isnan, retries)
+    for i, (p, reply) in zip(text_only, results):
+        preference[i], how[i], raw[i] = p, "binarized", reply
+    shown["preference"], shown["annotation"], shown["raw_completion"] = preference, how, raw
     was_switched = shown["is_switched_outputs"].astype(bool)
     out = switch.postprocess(shown)
     out["is_switched_outputs"] = was_switched
@@ -196,18 +230,31 @@ def run_alpacaeval(chat_model: ChatModel, judge: Judge, out_dir: str | Path, gen
 
     row = {k: metrics[k] for k in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total",
                                    "discrete_win_rate")}
+    annotator = annotator_label(annotations["annotation"].tolist())
     row.update(mode="community", avg_length=int(pd.Series([o["output"] for o in model_outputs]).str.len().mean()),
                length_controlled_winrate=metrics["length_controlled_winrate"],
-               lc_standard_error=metrics["lc_standard_error"])
+               lc_standard_error=metrics["lc_standard_error"], annotator=annotator, lc_glm=metrics["lc_glm"])
     atomic_write_text(out_dir / "leaderboard.csv", pd.DataFrame.from_dict({generator: row}, orient="index").to_csv())
 
     n_failed = int(annotations["preference"].isna().sum())
     result = {**metrics, "avg_length": row["avg_length"], "generator": generator,
               "reference": reference[positions[0]].get("generator", "reference"), "judge": judge.name,
-              "caveat": judge.caveat, "n_instances": len(positions), "n_failed": n_failed}
+              "caveat": judge.caveat, "n_instances": len(positions), "n_failed": n_failed, "annotator": annotator}
     write_json(out_dir / "metrics.json", result)
     atomic_write_text(out_dir / "report.md", alpacaeval_markdown(result))
     return result
+
+
+def annotator_label(kinds: list[str]) -> str:
+    """How the preferences were obtained, for every output: AlpacaEval 2.0's weighted annotator, the binarized
+    variant (reply text only), or a mix; identical-output draws are not counted either way."""
+    judged = [k for k in kinds if k != "identical"]
+    n_weighted = sum(k == "weighted" for k in judged)
+    if judged and n_weighted == len(judged):
+        return "weighted (first-token log-probs, as weighted_alpaca_eval_gpt4_turbo)"
+    if n_weighted == 0:
+        return "binarized (reply text m/M; not AlpacaEval 2.0's weighted default)"
+    return f"mixed: {n_weighted} of {len(judged)} weighted, the rest binarized"
 
 
 def alpacaeval_markdown(r: dict) -> str:
@@ -218,6 +265,7 @@ def alpacaeval_markdown(r: dict) -> str:
         f"- model: `{r['generator']}` vs reference `{r['reference']}`, judge `{r['judge']}` (alpaca_eval 2.0 prompt)",
         f"- instances: {r['n_instances']}  judged: {r['n_total']}  failed (unparseable after retries, excluded): "
         f"{r['n_failed']}  avg length: {r['avg_length']}",
+        f"- annotator: {r.get('annotator', 'binarized')}",
         f"- LC GLM: {r['lc_glm']}; df_gamed.csv: {r['df_gamed_source']}",
         "",
         f"**LC win rate: {r['length_controlled_winrate']:.2f} ± {r['lc_standard_error']:.2f}**  ",

@@ -45,6 +45,11 @@ class Judge:
     def judge(self, requests: list[JudgeRequest]) -> list[str]:
         return [self.complete(r.system, r.user) for r in requests]
 
+    def first_token_logprobs(self, requests: list[JudgeRequest]) -> list[dict[str, float] | None]:
+        """Top log-probs of the judge's first reply token, per request ({token: logprob}); None where the judge
+        cannot give them (then the caller parses the reply text instead). Judges without log-probs: all None."""
+        return [None] * len(requests)
+
 
 class OpenAIJudge(Judge):
     def __init__(
@@ -58,7 +63,10 @@ class OpenAIJudge(Judge):
         max_retries: int = 5,
         backoff_s: float = 1.0,
         concurrency: int = 4,
+        logprobs: bool = True,
     ):
+        """logprobs: ask for the first token's top log-probs where a protocol uses them (AlpacaEval 2.0's
+        weighted annotator); an endpoint that returns none falls back to the reply text."""
         headers = {}
         if api_key_env:
             key = os.environ.get(api_key_env)
@@ -68,15 +76,35 @@ class OpenAIJudge(Judge):
         self.base_url, self.model, self.name = base_url.rstrip("/"), model, model
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.backoff_s, self.concurrency = max_retries, backoff_s, concurrency
+        self.logprobs = logprobs
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout_s))
 
+    def _messages(self, system: str, user: str) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
     def complete(self, system: str, user: str) -> str:
-        payload = {
-            "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
+        body = self._post({"model": self.model, "messages": self._messages(system, user),
+                           "temperature": self.temperature, "max_tokens": self.max_tokens})
+        return body["choices"][0]["message"]["content"] or ""
+
+    def _first_token_logprobs(self, system: str, user: str) -> dict[str, float] | None:
+        # weighted_alpaca_eval_gpt4_turbo's request: one token, temperature 1, the top 5 log-probs.
+        body = self._post({"model": self.model, "messages": self._messages(system, user), "temperature": 1.0,
+                           "max_tokens": 1, "logprobs": True, "top_logprobs": 5})
+        try:
+            top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            return {t["token"]: float(t["logprob"]) for t in top}
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+
+    def first_token_logprobs(self, requests: list[JudgeRequest]) -> list[dict[str, float] | None]:
+        if not self.logprobs:
+            return [None] * len(requests)
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(lambda r: self._first_token_logprobs(r.system, r.user), requests))
+
+    def _post(self, payload: dict) -> dict:
+        """POST /chat/completions with retries on transport errors, 408/409/425/429 and 5xx; the parsed body."""
         err = ""
         for attempt in range(self.max_retries + 1):
             wait = self.backoff_s * 2**attempt
@@ -87,7 +115,9 @@ class OpenAIJudge(Judge):
             else:
                 if r.status_code == 200:
                     try:
-                        return r.json()["choices"][0]["message"]["content"] or ""
+                        body = r.json()
+                        body["choices"][0]["message"]["content"]
+                        return body
                     except (ValueError, KeyError, IndexError, TypeError):
                         err = f"malformed response body {r.text[:200]!r}"
                 elif r.status_code in RETRY_STATUS or r.status_code >= 500:

@@ -5,6 +5,7 @@ file formats, so results can be inspected or re-scored with FastChat's show_resu
 
 import ast
 import importlib.resources
+import random
 import re
 import time
 import uuid
@@ -285,14 +286,36 @@ def _safe(name: str) -> str:
     return name.strip("/").replace("/", "--")
 
 
+def select_questions(questions: list[dict], max_questions: int | None, seed: int = 0) -> list[dict]:
+    """All questions, or `max_questions` drawn across every category: each category's questions shuffled with
+    `seed`, then taken round-robin over the categories (sorted), returned in the benchmark's order."""
+    if max_questions is None or max_questions >= len(questions):
+        return list(questions)
+    by_cat: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_cat.setdefault(q.get("category", ""), []).append(i)
+    rng = random.Random(seed)
+    for idx in by_cat.values():
+        rng.shuffle(idx)
+    picked: list[int] = []
+    while len(picked) < max_questions:
+        for cat in sorted(by_cat):
+            if by_cat[cat] and len(picked) < max_questions:
+                picked.append(by_cat[cat].pop(0))
+    return [questions[i] for i in sorted(picked)]
+
+
 def run_mtbench(chat_model: ChatModel, judge: Judge, out_dir: str | Path, model_id: str,
                 data: MTBenchData | None = None, mode: Literal["single", "pair"] = "single", max_tokens: int = 1024,
-                baseline_answers: str | Path | None = None, judge_retries: int = 2,
-                max_questions: int | None = None) -> dict:
-    """Generate, judge, tabulate; writes model_answer/, model_judgment/, scores.csv and report.md under out_dir."""
+                baseline_answers: str | Path | None = None, judge_retries: int = 0,
+                max_questions: int | None = None, seed: int = 0) -> dict:
+    """Generate, judge, tabulate; writes model_answer/, model_judgment/, scores.csv and report.md under out_dir.
+
+    An unparseable judgment is recorded as FastChat does (score -1, excluded from averages); judge_retries > 0
+    re-asks those first (not FastChat's behaviour, so the output says so)."""
     out_dir = Path(out_dir)
     data = data or load_mtbench()
-    questions = data.questions[:max_questions]
+    questions = select_questions(data.questions, max_questions, seed)
     baseline, baseline_id = {}, ""
     if mode == "pair":  # validate the baseline before spending compute on generation
         if baseline_answers is None:
@@ -328,6 +351,8 @@ def run_mtbench(chat_model: ChatModel, judge: Judge, out_dir: str | Path, model_
     atomic_write_text(out_dir / "scores.csv", table.to_csv(index=False))
     result = {k: (v.item() if hasattr(v, "item") else v) for k, v in result.items()}
     result.update(mode=mode, model_id=model_id, judge=judge.name, caveat=judge.caveat, n_questions=len(questions),
+                  question_ids=[q["question_id"] for q in questions], judge_retries=judge_retries,
+                  subsampled=len(questions) < len(data.questions),
                   n_judgments=len(judgments), n_failed=n_failed, judgment_file=str(judgment_path),
                   per_category=table.to_dict(orient="records"))
     atomic_write_text(out_dir / "report.md", mtbench_markdown(result))
@@ -338,9 +363,17 @@ def mtbench_markdown(result: dict) -> str:
     lines = ["# MT-Bench", ""]
     if result.get("caveat"):
         lines += [f"**{result['caveat']}**", ""]
+    retries = result.get("judge_retries", 0)
+    failed = (f"unparseable after {retries} re-ask(s), score -1, excluded" if retries
+              else "unparseable, score -1, excluded as in FastChat")
     lines += [f"- model: `{result['model_id']}`  judge: `{result['judge']}`  mode: {result['mode']}",
               f"- questions: {result['n_questions']}  judgments: {result['n_judgments']}  "
-              f"failed (unparseable after retries, excluded): {result['n_failed']}", ""]
+              f"failed ({failed}): {result['n_failed']}"]
+    if retries:
+        lines.append(f"- re-ask on: unparseable judgments re-asked up to {retries} time(s) (FastChat does not)")
+    if result.get("subsampled"):
+        lines.append(f"- subsample (across all categories, seeded): questions {result['question_ids']}")
+    lines.append("")
     rows = result["per_category"]
     if result["mode"] == "single":
         lines.append(f"**Score: {result['score']:.2f}** (turn 1 {result['turn_1']:.2f}, turn 2 {result['turn_2']:.2f})")

@@ -28,8 +28,11 @@ class MTBenchConfig(BaseModel):
     max_tokens: int = Field(1024, ge=1)
     mode: Literal["single", "pair"] = "single"
     baseline_answers: Path | None = None  # pair mode: the baseline's FastChat model_answer .jsonl
-    max_questions: int | None = Field(None, ge=1)  # debugging only; published numbers use all 80
-    judge_retries: int = Field(2, ge=0)  # re-asks for unparseable judgments before they count as failed (score -1)
+    max_questions: int | None = Field(None, ge=1)  # a seeded draw across all 8 categories; published numbers use 80
+    seed: int = 0  # which questions a subsample draws
+    # Re-asks for unparseable judgments before they count as failed (score -1). 0 = FastChat's behaviour;
+    # when on, the output says so.
+    judge_retries: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _pair_needs_baseline(self):
@@ -49,7 +52,7 @@ class AlpacaEvalConfig(BaseModel):
     max_tokens: int = Field(2048, ge=1)
     temperature: float = 0.0
     seed: int = 123  # order randomisation
-    judge_retries: int = Field(2, ge=0)
+    judge_retries: int = Field(0, ge=0)  # re-asks for unparseable binarized replies (alpaca_eval: none)
     lc_glm: str = "length_controlled_v1"
     lc_df_gamed_path: Path | None = None  # local copy of the hub's df_gamed.csv (published LC GLM offline)
     lc_allow_hub_download: bool = False
@@ -72,6 +75,7 @@ class JudgeConfig(BaseModel):
     timeout_s: float = 120.0
     max_retries: int = 5
     concurrency: int = 4
+    logprobs: bool = True  # openai: AlpacaEval 2.0's weighted annotator (first-token log-probs) when the endpoint has them
 
     @model_validator(mode="after")
     def _check(self):
@@ -109,7 +113,8 @@ def build_judge(cfg: JudgeConfig) -> Judge:
         _model_dir(cfg.path, "judge.path")
     if cfg.kind == "openai":
         return OpenAIJudge(cfg.base_url, cfg.model, cfg.api_key_env, max_tokens=cfg.max_tokens,
-                           timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, concurrency=cfg.concurrency)
+                           timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, concurrency=cfg.concurrency,
+                           logprobs=cfg.logprobs)
     if cfg.kind == "local":
         from align.eval.engine_chat import EngineChatModel
 
@@ -140,7 +145,7 @@ def run_eval(cfg: EvalConfig, chat_model: ChatModel | None = None, judge: Judge 
     if m.enabled:
         data = load_mtbench(m.data_dir, m.reference_model)
         results["mt_bench"] = run_mtbench(chat_model, judge, out / "mt_bench", model_id, data, m.mode, m.max_tokens,
-                                          m.baseline_answers, m.judge_retries, m.max_questions)
+                                          m.baseline_answers, m.judge_retries, m.max_questions, m.seed)
         sections.append(mtbench_markdown(results["mt_bench"]))
     a = cfg.alpacaeval
     if a.enabled and a.reference_outputs is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, DeepseekV2Config, PreTrainedModel, PreTrainedTokenizerBase
 
 import model
-from engine.train_worker import atomic_dir
+from model.atomic import atomic_dir
 
 from align.data.mixture import tokenizer_corpus
 from align.errors import UserError
@@ -56,7 +56,7 @@ def load_tokenizer(path_or_preset: str, seed: int = 0) -> PreTrainedTokenizerBas
 
 
 def save_atomically(save: Callable[[Path], None], final_dir: str | Path) -> Path:
-    """Run `save(tmp_dir)`, fsync it, then swap it in for `final_dir` by renames (engine's atomic_dir).
+    """Run `save(tmp_dir)`, fsync it, then swap it in for `final_dir` by renames (model.atomic.atomic_dir).
 
     A crash leaves either the old checkpoint or the new one at `final_dir`, never a half-written one.
     """

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from engine.vllm_mode import VLLMOptions
 
@@ -87,19 +87,44 @@ class OptimConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """Data-parallel layout and numerics of the trainer."""
+    """Training ranks, sharding and numerics of the trainer."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dp_world_size: int = Field(1, ge=1, description="training ranks, one Ray actor each")
+    world_size: int = Field(1, ge=1, validation_alias=AliasChoices("world_size", "dp_world_size"),
+                            description="training ranks, one Ray actor each (old name: dp_world_size)")
+    sharding: Literal["none", "fsdp2"] = Field(
+        "none", description="none = every rank holds the full model (data parallel); fsdp2 = parameters, gradients "
+                            "and AdamW state sharded over the ranks (torch FSDP2, per decoder layer and root)")
+    replicas: int = Field(1, ge=1, description="fsdp2 only: HSDP replica groups (shard within a group of "
+                                               "world_size/replicas ranks, e.g. a node; replicate across groups)")
+    cpu_offload: bool = Field(False, description="fsdp2 only: keep parameter shards, gradients and AdamW state in "
+                                                 "host memory (FSDP2's CPUOffloadPolicy)")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on a GPU that supports it, else no (CPU never gets it unasked)")
+        "auto", description="auto = bf16 on a GPU that supports it, else no (CPU never gets it unasked); "
+                            "fsdp2: bf16 compute with fp32 master weights, fp32 AdamW and fp32 gradient reduction")
     seed: int = 0
     reference: bool = Field(False, description="keep a frozen copy of the initial policy as reference model")
     entropy_grad: bool = Field(False, description="let gradients flow through fwd.entropy (entropy bonus)")
     logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
     logprob_micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward in compute_logprobs (no gradients); None = the optimiser's")
+
+    @property
+    def dp_world_size(self) -> int:
+        """The old name of world_size."""
+        return self.world_size
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.sharding == "none" and (self.replicas > 1 or self.cpu_offload):
+            raise ValueError("train.replicas and train.cpu_offload need train.sharding=fsdp2")
+        if self.world_size % self.replicas:
+            raise ValueError(f"train.replicas={self.replicas} does not divide train.world_size={self.world_size}")
+        if self.sharding == "fsdp2" and self.mixed_precision == "fp16":
+            raise ValueError("train.sharding=fsdp2 supports mixed_precision bf16, no or auto, not fp16")
+        return self
 
 
 class OffloadConfig(BaseModel):

@@ -7,7 +7,7 @@
 
 Every call enters an offload phase first (rollout, policy, reference, train, refit), so with a
 shared GPU only what the call needs is resident. Global batches are split across the data-parallel
-ranks by rows; see train_worker.py for the loss contract that keeps that exact. Actor deaths and
+ranks by rows; see engine/train/batching.py for the loss contract that keeps that exact. Actor deaths and
 timeouts become a one-line EngineError, after which the engine refuses further calls.
 """
 
@@ -32,7 +32,7 @@ from .refit import RefitStats
 from .rollout_worker import RolloutWorker
 from .scorer_worker import ScorerHandle, ScorerWorker
 from .sampling import Rollout, SamplingConfig
-from .train_worker import LossFn, ModelFactory, TrainWorker, even_slices, num_rows, split_rows
+from .train import LossFn, ModelFactory, TrainWorker, even_slices, num_rows, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class HybridEngine:
         self.model_dir, self.run_dir = str(model_dir), Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._broken: str | None = None
-        self.cluster = Cluster(cluster_cfg, run_dir, train_cfg.dp_world_size)
+        self.cluster = Cluster(cluster_cfg, run_dir, train_cfg.world_size)
         try:
             self._start(model_factory or pretrained_factory(model_dir), ref_factory, rollout_backend)
         except BaseException:
@@ -106,7 +106,7 @@ class HybridEngine:
     # -- start-up --------------------------------------------------------------------------------
     def _start(self, model_factory: ModelFactory, ref_factory: ModelFactory | None,
                rollout_backend: str | Callable[..., Any] | None) -> None:
-        c, n = self.cluster, self.train_cfg.dp_world_size
+        c, n = self.cluster, self.train_cfg.world_size
         if ref_factory is None and self.train_cfg.reference:
             ref_factory = model_factory
         gpu = c.use_gpu
@@ -120,7 +120,7 @@ class HybridEngine:
         timeout = self.cluster_cfg.startup_timeout_s
         self.rollout_info = self._get(self.rollout.ready.remote(), "rollout actor start-up", timeout)
         self.worker_info = self._get([w.ready.remote() for w in self.workers], "training actors start-up", timeout)
-        if n > 1:
+        if n > 1 or self.train_cfg.sharding == "fsdp2":
             addr, port = self._get(self.workers[0].master_address.remote(), "rendezvous", timeout)
             self._get([w.init_distributed.remote(addr, port, timeout) for w in self.workers],
                       "torch.distributed init", timeout)
@@ -221,8 +221,10 @@ class HybridEngine:
         return np.concatenate(parts)
 
     def sync_weights(self, bucket_mb: float | None = None) -> RefitStats:
-        """Stream rank 0's weights (checkpoint names, float32 numpy buckets) into the rollout engine."""
+        """Stream the trainer's weights (checkpoint names, float32 numpy buckets) into the rollout engine:
+        rank 0 streams them; under fsdp2 the other ranks join each tensor's all-gather (refit_peer)."""
         self.enter_phase("refit")
+        peers = [w.refit_peer.remote() for w in self.workers[1:]] if self.train_cfg.sharding == "fsdp2" else []
         bucket_bytes = int((bucket_mb or self.rollout_cfg.refit_bucket_mb) * 1e6)
         start = time.perf_counter()
         gen = self.workers[0].weight_buckets.options(     # rank 0 stays at most 2 buckets ahead
@@ -240,6 +242,7 @@ class HybridEngine:
             raise EngineError(self._broken) from None
         for t, b in self._get(pending, "refit load_weights", role="rollout"):
             tensors, nbytes = tensors + t, nbytes + b
+        self._get(peers, "refit (gathering ranks)")
         self._get(self.rollout.finish_refit.remote(self.policy_version), "refit finish", role="rollout")
         self.rollout_version = self.policy_version
         stats = RefitStats(seconds=time.perf_counter() - start, bytes=nbytes, num_tensors=tensors,
@@ -248,10 +251,12 @@ class HybridEngine:
         return stats
 
     def save(self, path: str | os.PathLike) -> None:
-        """Checkpoint model + optimizer + scheduler + every rank's RNG (rank 0 writes; path shared by all)."""
+        """Checkpoint model + optimizer + scheduler + every rank's RNG (path shared by all ranks): rank 0
+        writes it, or under fsdp2 every rank writes its shards."""
         self.enter_phase("train")
         rngs = self._get([w.rng_state.remote() for w in self.workers], "rng_state")
-        self._get(self.workers[0].save.remote(str(Path(path).resolve()), rngs), "save")
+        writers = self.workers if self.train_cfg.sharding == "fsdp2" else self.workers[:1]
+        self._get([w.save.remote(str(Path(path).resolve()), rngs) for w in writers], "save")
         log.info("saved training state (version %d) to %s", self.policy_version, path)
 
     def load(self, path: str | os.PathLike) -> None:
@@ -267,7 +272,7 @@ class HybridEngine:
     def export_hf(self, path: str | os.PathLike) -> None:
         """Write the policy as an HF checkpoint dir (for evaluation or a fresh rollout engine)."""
         self.enter_phase("policy")
-        self._get(self.workers[0].export_hf.remote(str(Path(path).resolve())), "export_hf")
+        self._get([w.export_hf.remote(str(Path(path).resolve())) for w in self.workers], "export_hf")
 
     def add_scorer(self, name: str, factory: Callable[[], Any]) -> ScorerHandle:
         """Host a scoring model (e.g. a reward model) in its own actor, resident only in the 'reward' phase."""

@@ -60,6 +60,11 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.pin_memory() if t.is_cuda else host
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: an FSDP2 parameter is a DTensor whose numel() is the global one."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class ModuleSlot:
     """One nn.Module's parameters and buffers, offloadable to host memory."""
 
@@ -77,7 +82,7 @@ class ModuleSlot:
     def nbytes(self) -> int:
         if not self.resident and self.mode == "real":
             return sum(h.numel() * h.element_size() for h, _ in self._host.values())
-        return sum(t.numel() * t.element_size() for _, t in self._tensors())
+        return sum(_local(t).numel() * _local(t).element_size() for _, t in self._tensors())
 
     def offload(self) -> None:
         if not self.resident:
@@ -124,7 +129,7 @@ class OptimizerSlot:
     def nbytes(self) -> int:
         if not self.resident and self.mode == "real":
             return sum(h.numel() * h.element_size() for h, _ in self._host.values())
-        return sum(s[k].numel() * s[k].element_size() for _, s, k in self._tensors())
+        return sum(_local(s[k]).numel() * _local(s[k]).element_size() for _, s, k in self._tensors())
 
     def offload(self) -> None:
         if not self.resident:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, DeepseekV2Config
+
+from .atomic import atomic_write
 
 FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -64,19 +65,6 @@ def from_checkpoint_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(network, directory: str | os.PathLike, state_dict: dict | None = None,
                     max_shard_bytes: int = 4 << 30) -> None:
     """Write config.json and (sharded) safetensors in the HF DeepseekV2 layout, each file atomically."""
@@ -95,19 +83,19 @@ def save_checkpoint(network, directory: str | os.PathLike, state_dict: dict | No
         size += t.nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(shards[0], p, metadata=meta))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(directory / fname, lambda p, s=shard: save_file(s, p, metadata=meta))
+            atomic_write(directory / fname, lambda p, s=shard: save_file(s, p, metadata=meta))
             weight_map.update({n: fname for n in shard})
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        _atomic_write(directory / SAFE_INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+        atomic_write(directory / SAFE_INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
 
     config = network.config
     config.architectures = [network.hf_architecture]
-    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(config.to_json_string()))
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(config.to_json_string()))
 
 
 def read_checkpoint_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -55,7 +55,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> Routing:
         """x [N, D] -> Routing. `replay` [N, k] forces the experts; gate values still follow the router."""
-        logits = F.linear(x.float(), self.weight.float())                      # [N, E]
+        with torch.autocast(x.device.type, enabled=False):                    # the router stays fp32 under autocast
+            logits = F.linear(x.float(), self.weight.float())                  # [N, E]
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
         if replay is None:
             choice = scores + self.e_score_correction_bias if self.sigmoid else scores
@@ -195,8 +196,10 @@ class MoE(nn.Module):
         self.capacity_per_sequence = bool(getattr(config, "capacity_per_sequence", False))
         self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)  # assignments since reset
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor, replay: torch.Tensor | None = None):
-        """x [B, T, H], token_mask [B, T] -> (y [B, T, H], indices [B, T, k], balance-loss dict)."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor, replay: torch.Tensor | None = None,
+                count_load: bool = True):
+        """x [B, T, H], token_mask [B, T] -> (y [B, T, H], indices [B, T, k], balance-loss dict).
+        count_load=False leaves the load counter to the caller (activation checkpointing recomputes this)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         routing = self.gate(flat, replay)
@@ -207,12 +210,18 @@ class MoE(nn.Module):
         y = self.experts(flat, routing.indices, routing.weights, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        with torch.no_grad():
-            valid = token_mask.reshape(-1, 1).expand_as(routing.indices)
-            self.load += torch.bincount(routing.indices[valid], minlength=self.n_experts).float()
+        if count_load:
+            self.record_load(routing.indices, token_mask)
         losses = balance_losses(routing, token_mask, B, self.n_devices, self.m_devices, self.alphas) \
             if self.training and any(self.alphas) else {}
         return y.view(B, T, H), routing.indices.view(B, T, -1), losses
+
+    @torch.no_grad()
+    def record_load(self, indices: torch.Tensor, token_mask: torch.Tensor) -> None:
+        """Add the assignments of valid tokens (indices [..., k], token_mask [...]) to the load counter."""
+        indices = indices.reshape(-1, indices.shape[-1])
+        valid = token_mask.reshape(-1, 1).expand_as(indices)
+        self.load += torch.bincount(indices[valid], minlength=self.n_experts).float()
 
     @torch.no_grad()
     def update_bias(self, speed: float) -> None:

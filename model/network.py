@@ -15,11 +15,15 @@ from transformers import DeepseekV2Config, GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import MLA, LatentCache
+from .logprobs import chunked_logprobs
 from .moe import MLP, MoE, RoutedExperts, Router
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
-MASKED = torch.finfo(torch.float32).min
+# The additive mask's "minus infinity": finite in float32 AND bfloat16. finfo(float32).min rounds to -inf in
+# bf16 (autocast casts the mask too), and a query whose keys are all masked (a left-padded row) then gets
+# softmax(-inf, ..., -inf) = NaN on some kernels; with a finite value it gets a harmless uniform row.
+MASKED = torch.finfo(torch.bfloat16).min
 
 
 def moe_layer_indices(config) -> list[int]:
@@ -39,13 +43,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rotation, mask, token_mask, cache: LatentCache | None = None, replay=None):
+    def forward(self, x, rotation, mask, token_mask, cache: LatentCache | None = None, replay=None,
+                count_load: bool = True):
         h = self.input_layernorm(x)
         x = x + (self.self_attn(h, rotation, mask) if cache is None else self.self_attn.decode(h, rotation, mask, cache))
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None, {}
-        y, indices, losses = self.mlp(h, token_mask, replay)
+        y, indices, losses = self.mlp(h, token_mask, replay, count_load=count_load)
         return x + y, indices, losses
 
 
@@ -89,7 +94,9 @@ class Backbone(nn.Module):
                 layer_replay = replay[:, moe_i] if torch.is_tensor(replay) and replay.dim() == 4 else replay[moe_i]
             if self.gradient_checkpointing and self.training and cache is None:  # recompute in backward
                 x, indices, layer_losses = torch.utils.checkpoint.checkpoint(
-                    layer, x, rotation, mask, token_mask, None, layer_replay, use_reentrant=False)
+                    layer, x, rotation, mask, token_mask, None, layer_replay, False, use_reentrant=False)
+                if layer.is_moe:                  # counted here, once: the recompute would count again
+                    layer.mlp.record_load(indices, token_mask)
             else:
                 x, indices, layer_losses = layer(x, rotation, mask, token_mask, cache, layer_replay)
             if layer.is_moe:
@@ -130,6 +137,8 @@ class LMOutput(ModelOutput):
     balance_losses: dict | None = None
     routed_experts: tuple | None = None
     hidden_states: torch.Tensor | None = None
+    token_logprobs: torch.Tensor | None = None     # [B, T-1] when forward(logprob_labels=...) was asked
+    token_entropy: torch.Tensor | None = None      # [B, T-1]
 
 
 class DeepseekV2PreTrained(PreTrainedModel):
@@ -211,9 +220,20 @@ class DeepseekV2LM(DeepseekV2PreTrained):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                routed_experts=None, return_routing: bool = False, logits_to_keep: int = 0, **kwargs) -> LMOutput:
+                routed_experts=None, return_routing: bool = False, logits_to_keep: int = 0,
+                logprob_labels: torch.Tensor | None = None, logprob_chunk_tokens: int = 4096,
+                temperature: float = 1.0, **kwargs) -> LMOutput:
+        """logprob_labels [B, T-1] (the shifted input_ids): instead of logits, return log p(label) and the
+        entropy at each position t < T-1, computed chunk by chunk from the hidden states (model.logprobs):
+        no [B, T, V] tensor exists at any time, forward or backward."""
         out = self.model(input_ids, attention_mask, position_ids, routed_experts)
         hidden, routed, losses = out.last_hidden_state, out.routed_experts, out.balance_losses
+        if logprob_labels is not None:
+            logp, ent = chunked_logprobs(hidden[:, :-1], self.lm_head.weight, logprob_labels,
+                                         logprob_chunk_tokens, temperature)
+            return LMOutput(aux_loss=sum(losses.values()) if losses else None, balance_losses=losses or None,
+                            routed_experts=tuple(routed) if return_routing else None,
+                            token_logprobs=logp, token_entropy=ent)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         aux = sum(losses.values()) if losses else None
         loss = None

@@ -62,7 +62,7 @@ class InProcessEngine:
 
         from align.grpo.loop import load_policy
         from engine.rollout_worker import RolloutWorker
-        from engine.train_worker import TrainWorker
+        from engine.train import TrainWorker
 
         factory = functools.partial(load_policy, str(policy_dir), cfg.capacity_factor)
         self.rollout = RolloutWorker(backend, str(policy_dir), **(rollout_kwargs or {}))

@@ -28,7 +28,7 @@ from engine.driver import EngineError, HybridEngine  # noqa: E402
 from engine.offload import DEFAULT_PHASES, OffloadedError  # noqa: E402
 from engine.refit import hf_named_tensors  # noqa: E402
 from engine.sampling import SamplingConfig  # noqa: E402
-from engine.train_worker import TrainWorker  # noqa: E402
+from engine.train import TrainWorker  # noqa: E402
 
 # eps=1 turns AdamW's first step into ~SGD (update ~ lr * g / (|g| + 1)), so a gradient that is off by a
 # factor (wrong normaliser, double-counted rank) changes the update; with eps=1e-8 the first step is

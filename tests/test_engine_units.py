@@ -20,7 +20,7 @@ from engine.config import ClusterConfig, EngineConfig, OptimConfig, TrainConfig 
 from engine.logprobs import entropy, token_logprobs  # noqa: E402
 from engine.offload import (DEFAULT_PHASES, Item, ModuleSlot, OffloadedError, OffloadScheduler,  # noqa: E402
                             OptimizerSlot)
-from engine.train_worker import TrainWorker, even_slices  # noqa: E402
+from engine.train import TrainWorker, even_slices  # noqa: E402
 
 SGDISH = dict(lr=0.5, eps=1.0, max_grad_norm=None)   # eps=1: AdamW's first step ~ lr*g, sensitive to grad scale
 

@@ -61,11 +61,12 @@ def test_split_is_by_problem_not_wording():
 
 def test_reasoning_answers_are_right_at_every_level():
     rows = reasoning_rows("train", n=500, seed=0)
-    assert {r["difficulty"] for r in rows} == {1, 2, 3, 4, 5}
+    assert {r["difficulty"] for r in rows} == {1, 2, 3, 4, 5, 6}
     for r in rows:
         assert re.fullmatch(r"-?\d+", r["answer"]), r
         assert "#### <number>" in r["prompt"]
         assert r["solution"].endswith(f"\n#### {r['answer']}")
+    for r in (r for r in rows if r["difficulty"] < 6):   # level 6 works column by column: its own test
         # every worked step "x op y = z" is correct arithmetic and the last z is the answer
         steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", r["solution"])
         assert steps, r
@@ -87,6 +88,24 @@ def test_reasoning_answers_are_right_at_every_level():
             else:
                 expected = eval(re.sub(r"^(What is|Compute) |[?.]$", "", q))  # only digits, + - * ( )
             assert str(expected) == r["answer"], r
+
+
+def test_level6_two_digit_sums_worked_by_column_with_the_carry():
+    rows = reasoning_rows("test", n=1000, seed=0, levels=[6])
+    problems = {tuple(map(int, re.findall(r"\d+", r["prompt"])[:2])) for r in rows}
+    assert len(rows) == 1000 and len(problems) == 1000      # 1000 distinct held-out problems
+    train = {tuple(map(int, re.findall(r"\d+", r["prompt"])[:2])) for r in reasoning_rows("train", 3000, 0, [6])}
+    assert not problems & train
+    carries = 0
+    for r in rows[:300]:
+        a, b = map(int, re.findall(r"\d+", r["prompt"])[:2])
+        assert 10 <= a <= 99 and 10 <= b <= 99 and r["answer"] == str(a + b)
+        ones, tens = re.findall(r"= (\d+)", r["solution"].split("####")[0])
+        carry = a % 10 + b % 10 >= 10
+        carries += carry
+        assert int(ones) == a % 10 + b % 10 and ("carry 1" in r["solution"]) == carry
+        assert int(tens) == a // 10 + b // 10 + carry and int(tens) * 10 + int(ones) % 10 == a + b
+    assert 100 < carries < 200                               # about 45% of sums carry
 
 
 def test_level1_is_single_digit_sums():
@@ -204,3 +223,11 @@ def test_tokenizer_corpus_is_deterministic_and_covers_all_sources():
 def test_bad_split_name_is_an_error():
     with pytest.raises(ValueError, match="split must be one of"):
         reasoning_rows("validation", n=5)
+
+
+def test_held_out_sets_are_large_enough_for_the_compare_table():
+    # the compare stage's defaults: >= 128 distinct held-out prompts for each RM, both safety kinds
+    safety = safety_rows("test", n=192, seed=0)
+    assert len({r["prompt"] for r in safety}) >= 128
+    assert min(sum(r["kind"] == k for r in safety) for k in ("harmful", "benign")) >= 64
+    assert len({r["prompt"] for r in helpful_pair_rows("test", n=128, seed=0)}) == 128

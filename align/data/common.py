@@ -33,16 +33,17 @@ def rng_for(name: str, split: str, seed: int) -> random.Random:
 
 
 def sample_rows(
-    make: Callable[[random.Random], tuple[Split, dict]],
+    make: Callable[[random.Random], tuple],
     split: str,
     n: int,
     rng: random.Random,
     unique: bool | None = None,
 ) -> list[dict]:
-    """Draw items with `make(rng) -> (item's split, row)` until `n` rows of `split` are collected.
+    """Draw items with `make(rng) -> (item's split, row[, key])` until `n` rows of `split` are collected.
 
     Items whose key hashes to the other split are discarded. With `unique` (default: only for the
-    test split) repeated prompts are dropped, so the held-out set never counts the same item twice;
+    test split) repeated items are dropped (by `key` when `make` returns one, else by prompt: so the
+    same problem under two wordings counts once), so the held-out set never counts the same item twice;
     if the item space runs out, fewer than `n` rows are returned.
     """
     split = check_split(split)
@@ -52,10 +53,10 @@ def sample_rows(
     attempts, max_attempts = 0, 200 * max(n, 1)
     while len(rows) < n and attempts < max_attempts:
         attempts += 1
-        item_split, row = make(rng)
+        item_split, row, *key = make(rng)
         if item_split != split:
             continue
-        ident = row.get("prompt", repr(row))
+        ident = key[0] if key else row.get("prompt", repr(row))
         if unique and ident in seen:
             continue
         seen.add(ident)

@@ -1,8 +1,12 @@
-"""Arithmetic and word problems with verifiable answers, at five difficulty levels.
+"""Arithmetic and word problems with verifiable answers, at six difficulty levels.
 
 Rows: {prompt, answer, difficulty, solution}. `answer` is a plain integer string (the gold for the
 math reward); `solution` is a short worked answer ending in `#### <answer>` (the SFT target).
 Level 1 (single-digit a + b) is deliberately tiny so a ~5M-parameter model learns it in minutes.
+Level 6 (two-digit a + b, worked digit by digit with the carry) is the demo's RL task: 8100 problems,
+so the held-out split has ~1600 distinct ones (enough for a 1000-prompt evaluation), and a tiny model
+after a few minutes of SFT gets only part of them right (the carry step is where it fails), which is
+the headroom rule-reward GRPO works on.
 
 Split: by the problem itself (numbers and operation), not its wording, so a held-out problem is
 never seen in training under another phrasing. Level 1 holds out only sums a + b with a < b whose
@@ -14,7 +18,7 @@ import random
 
 from align.data.common import Split, rng_for, sample_rows, split_of
 
-LEVELS = (1, 2, 3, 4, 5)
+LEVELS = (1, 2, 3, 4, 5, 6)
 ANSWER_FORMAT = "End your answer with '#### <number>'."
 
 _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Mo", "Nia"]
@@ -91,6 +95,23 @@ def _level5(rng: random.Random) -> tuple[str, dict]:
     return f"packs5:{a}:{p}:{c}:{d}", _finish(q, left, steps, 5)
 
 
+def carry_steps(a: int, b: int) -> str:
+    """The worked solution of a + b (two digits each): ones column, carry, tens column."""
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    first = f"{a % 10} + {b % 10} = {ones}" + (", carry 1." if carry else ".")
+    second = f"{a // 10} + {b // 10} + {carry} = {tens}." if carry else f"{a // 10} + {b // 10} = {tens}."
+    return f"{first} {second}"
+
+
+def _level6(rng: random.Random) -> tuple[str, dict]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    q = rng.choice(_PHRASES_ADD).format(a=a, b=b)
+    # level 2's sums are the same problems (worked in one line): the same key keeps them in the same split
+    return f"add2:{a}:{b}", _finish(q, a + b, carry_steps(a, b), 6)
+
+
 def problem_split(key: str) -> Split:
     """The split of a problem. Level 1 has only 100 facts, so it holds out some a + b with a < b
     (40% of those) and always trains on the mirror b + a: held-out accuracy then shows the model
@@ -101,7 +122,7 @@ def problem_split(key: str) -> Split:
     return split_of(key)
 
 
-_MAKERS = {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}
+_MAKERS = {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5, 6: _level6}
 
 
 def reasoning_rows(
@@ -114,8 +135,8 @@ def reasoning_rows(
         raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
     rng = rng_for("reasoning", split, seed)
 
-    def make(r: random.Random) -> tuple[Split, dict]:
+    def make(r: random.Random) -> tuple[Split, dict, str]:
         key, row = _MAKERS[r.choice(levels)](r)
-        return problem_split(key), row
+        return problem_split(key), row, key
 
     return sample_rows(make, split, n, rng)

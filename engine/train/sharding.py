@@ -79,8 +79,8 @@ def nbytes(tensors) -> int:
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """What this rank holds: parameters, gradients and optimizer state (local shards only)."""
+    """What this rank holds: parameters and optimizer state (local shards only)."""
     params = list(model.parameters())
     state = [v for s in (optimizer.state.values() if optimizer is not None else [])
              for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params), "optimizer": nbytes(state)}
+    return {"params": nbytes(params), "optimizer": nbytes(state)}

@@ -281,6 +281,7 @@ class TrainWorker:
         elif not skipped:                                   # non-finite grads: no update, schedule holds still
             self.optimizer.step()
             self.scheduler.step()
+        self._grad_bytes = sharding.nbytes(p.grad for p in params)    # held until here (reported by held_bytes)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 0 if skipped else 1
         reduced = self._reduce_metrics({"loss": loss_sum, **sums})
@@ -380,8 +381,8 @@ class TrainWorker:
                 pass
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds: parameters, gradients, optimizer state (local shards)."""
-        return sharding.held_bytes(self.unwrapped, self.raw_optimizer)
+        """Bytes this rank holds: parameters, optimizer state (local shards) and the gradients of the last step."""
+        return {**sharding.held_bytes(self.unwrapped, self.raw_optimizer), "grads": getattr(self, "_grad_bytes", 0)}
 
     def offload(self, names: list[str]) -> None:
         self.offloader.offload(names)

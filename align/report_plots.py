@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-ALIASES = {"rule": "reasoning"}        # stage 2's rule component is stage 1's reward
+ALIASES = {"rule": "rule", "reasoning": "rule"}   # stage 1's `reasoning` is stage 2's `rule` component
 FIXED = [("reward/total_mean", "total reward (weighted, as trained)"), ("train/kl", "KL to reference (k3)"),
          ("completion/len_mean", "completion length (tokens)"), ("held_out/accuracy", "held-out accuracy (greedy)"),
          ("moe/max_over_mean_load", "MoE max/mean expert load")]
@@ -50,7 +50,7 @@ def panel_series(by_stage: dict[str, list[dict]], summaries: dict[str, dict]) ->
                          for k in r if k.startswith("rewards/") and k.endswith("/mean") and k.count("/") == 2}
                         - {"total"})
     for name in components:
-        panels[f"reward: {name} (raw mean)"] = {}
+        panels[f"reward: {name} (raw mean per step)"] = {}
     for title in (t for _, t in FIXED):
         panels.setdefault(title, {})
     for stage, records in by_stage.items():
@@ -61,13 +61,14 @@ def panel_series(by_stage: dict[str, list[dict]], summaries: dict[str, dict]) ->
                 if k.startswith("rewards/") and k.endswith("/mean") and k.count("/") == 2:
                     name = ALIASES.get(k.split("/")[1], k.split("/")[1])
                     if name != "total":
-                        add(f"reward: {name} (raw mean)", stage, step, v)
+                        add(f"reward: {name} (raw mean per step)", stage, step, v)
             for key, title in FIXED:
                 add(title, stage, step, r.get(key))
         s = summaries.get(stage, {})
         steps = s.get("steps") or max((r["step"] for r in records), default=0)
         add("held-out accuracy (greedy)", stage, off, s.get("held_out_accuracy_start"))
         add("held-out accuracy (greedy)", stage, off + steps, s.get("held_out_accuracy_end"))
+    offsets["_end"] = offset
     return {t: v for t, v in panels.items() if v}, offsets
 
 
@@ -77,6 +78,7 @@ def plot_training(by_stage: dict[str, list[dict]], summaries: dict[str, dict], o
     if not panels:
         return False
     stages = list(by_stage)
+    end = offsets.pop("_end")
     colour = {s: COLOURS[i % len(COLOURS)] for i, s in enumerate(stages)}
     cols = 2
     rows = math.ceil(len(panels) / cols)
@@ -85,13 +87,15 @@ def plot_training(by_stage: dict[str, list[dict]], summaries: dict[str, dict], o
         for stage, pts in series.items():
             pts = sorted(pts)
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, ".", color=colour[stage], alpha=0.45, markersize=5)
+            ax.plot(xs, ys, ".", color=colour[stage], alpha=0.45 if len(pts) > 3 else 0.9,
+                    markersize=5 if len(pts) > 3 else 9)
             if len(pts) >= 3:
                 ax.plot(xs, smooth(list(ys), window), "-", color=colour[stage], linewidth=1.8)
             elif len(pts) == 2:
                 ax.plot(xs, ys, "-", color=colour[stage], linewidth=1.2)
         for stage in stages[1:]:
             ax.axvline(offsets[stage], color="0.3", linestyle="--", linewidth=1)
+        ax.set_xlim(-0.5, end + 0.5)                 # every panel on the same step axis
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO step (stages end to end)", fontsize=8)
         ax.tick_params(labelsize=8)

@@ -98,6 +98,25 @@ def validate(recipe: Path, overrides: list[str] = OVERRIDES):
     typer.echo(f"ok: {recipe} ({r.stage})")
 
 
+@app.command()
+def plan(recipe: Path, overrides: list[str] = OVERRIDES,
+         gpus: int = typer.Option(None, "--gpus", help="training GPUs (default: the recipe's train.world_size)"),
+         gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB per GPU"),
+         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="prompt length assumed for activations")):
+    """Memory per GPU and per phase of a GRPO recipe, and whether it fits (nothing is allocated)."""
+    from align.errors import UserError
+    from rewards.errors import RewardError
+    try:
+        from align.plan import format_plan, make_plan
+        from align.recipe import load_recipe
+        r = load_recipe(recipe, overrides or [])
+        if r.stage != "grpo":
+            _fail(f"{recipe}: stage: `align plan` plans grpo recipes, this is a {r.stage!r} recipe")
+        typer.echo(format_plan(make_plan(r.grpo, gpus, gpu_memory, prompt_tokens)))
+    except (UserError, RewardError, ValueError) as e:
+        _fail(f"{recipe}: {str(e).splitlines()[0]}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
 

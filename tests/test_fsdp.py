@@ -113,3 +113,16 @@ def test_each_rank_holds_half(sharded):
         assert abs(h["params"] - full / 2) <= 0.05 * full / 2, h
         assert abs(h["grads"] - full / 2) <= 0.05 * full / 2, h
         assert abs(h["optimizer"] - full) <= 0.05 * full, h
+
+
+def test_plan_matches_what_ranks_hold(sharded, tmp_path):
+    from align.grpo.config import GRPOConfig
+    from align.plan import make_plan
+
+    tiny_net().save_pretrained(tmp_path / "net")
+    cfg = GRPOConfig(init_from=str(tmp_path / "net"), data=[], rewards=[{"spec": "tests.grpo_fixture:brevity"}],
+                     engine={"train": {"world_size": 2, "sharding": "fsdp2"}})
+    rank = make_plan(cfg).rank
+    for h in json.loads((sharded / "plain.json").read_text())["held"]:
+        for k in ("params", "grads", "optimizer"):
+            assert abs(rank[k] - h[k]) <= 0.05 * h[k], (k, rank[k], h[k])

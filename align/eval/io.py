@@ -2,29 +2,16 @@
 errors name the file and line."""
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from model.atomic import atomic_write_text as _atomic_write_text
 from align.eval.errors import EvalError
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write via tmp file + fsync + os.replace so readers only ever see the old or the complete new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _atomic_write_text(path, text)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from model.atomic import atomic_write_text
+
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     ckpts = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
@@ -19,12 +21,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, default=float))
 
 
 def save_state(engine, root: Path, step: int, stream, rewards, keep_last: int, extra: dict) -> Path:

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from engine.config import OptimConfig, TrainConfig
 from engine.train import TrainWorker
 from model.logprobs import chunked_logprobs
-from tests.fsdp_fixture import batch, kl_loss, tiny_net
+import pytest
+
+from tests.fsdp_fixture import batch, kl_loss, one_thread, tiny_net
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def inputs():

@@ -48,7 +48,7 @@ def shard(model: nn.Module, mesh: DeviceMesh, compute: str = "no", cpu_offload: 
     dtype = DTYPES[compute]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if dtype != torch.float32:
         for module in model.modules():
             if isinstance(module, Router):

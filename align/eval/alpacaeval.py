@@ -31,10 +31,9 @@ from align.eval.errors import EvalError
 from align.eval.io import atomic_write_text, read_json_list, write_json
 from align.eval.judges import Judge, JudgeRequest
 from align.eval.mtbench import judge_with_retries
-from align.eval.types import ChatModel
+from align.eval.types import LC_GLMS, ChatModel
 
 JUDGE_PROMPT = "evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"  # AlpacaEval 2.0's prompt
-LC_GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal")
 SHUFFLE_SEED = 123  # alpaca_eval.main.evaluate shuffles with this seed before taking max_instances
 
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from transformers import AutoTokenizer
-
 from align.eval.types import Conversation
-from engine.rollout_worker import build_backend, resolve_backend
 from engine.sampling import SamplingConfig
 from engine.vllm_mode import VLLMOptions
 
@@ -21,6 +18,10 @@ class EngineChatModel:
 
     def __init__(self, model_dir: str | Path, backend: Literal["auto", "vllm", "native"] = "auto", seed: int = 0,
                  vllm: VLLMOptions | None = None):
+        from transformers import AutoTokenizer  # late: configs import this module, and `align validate` should be fast
+
+        from engine.rollout_worker import build_backend, resolve_backend
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.seed = seed
         self.backend = resolve_backend(backend)

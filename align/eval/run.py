@@ -7,17 +7,17 @@
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from align.eval.alpacaeval import LC_GLMS, alpacaeval_markdown, run_alpacaeval
 from align.eval.errors import EvalError
 from align.eval.io import atomic_write_text, write_json
-from align.eval.judges import Judge, LocalModelJudge, OpenAIJudge, RewardModelJudge
-from align.eval.mtbench import load_mtbench, mtbench_markdown, run_mtbench
-from align.eval.types import ChatModel
+from align.eval.types import LC_GLMS, ChatModel
 from engine.vllm_mode import VLLMOptions
+
+if TYPE_CHECKING:
+    from align.eval.judges import Judge
 
 
 class MTBenchConfig(BaseModel):
@@ -108,7 +108,9 @@ def _model_dir(path: Path, field: str) -> Path:
     return Path(path)
 
 
-def build_judge(cfg: JudgeConfig) -> Judge:
+def build_judge(cfg: JudgeConfig) -> "Judge":
+    from align.eval.judges import LocalModelJudge, OpenAIJudge, RewardModelJudge
+
     if cfg.kind in ("local", "reward_model"):
         _model_dir(cfg.path, "judge.path")
     if cfg.kind == "openai":
@@ -122,8 +124,12 @@ def build_judge(cfg: JudgeConfig) -> Judge:
     return RewardModelJudge(cfg.path)
 
 
-def run_eval(cfg: EvalConfig, chat_model: ChatModel | None = None, judge: Judge | None = None) -> dict:
+def run_eval(cfg: EvalConfig, chat_model: ChatModel | None = None, judge: "Judge | None" = None) -> dict:
     """Runs the enabled benchmarks; writes output_dir/{mt_bench,alpaca_eval}/..., summary.md and results.json."""
+    # Late imports: the configs above are read by every CLI call (`align validate`), the benchmarks only here.
+    from align.eval.alpacaeval import alpacaeval_markdown, run_alpacaeval
+    from align.eval.mtbench import load_mtbench, mtbench_markdown, run_mtbench
+
     if chat_model is None:
         if cfg.model_path is None:
             raise EvalError("model_path: required when no chat_model is passed to run_eval")

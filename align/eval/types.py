@@ -18,3 +18,7 @@ class ChatModel(Protocol):
         """One assistant reply per conversation. `temperature` is per conversation (list) or shared (float);
         a temperature below 1e-4 means greedy decoding, as in FastChat."""
         ...
+
+
+# AlpacaEval's length-controlled GLMs (alpaca_eval.metrics.glm_winrate), named here so configs need not import it.
+LC_GLMS = ("length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal")

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from align.compare import table_from_raw
+
 from tests.conftest import REPO, SHARED_DATA
 
 ALPACA_REF = SHARED_DATA / "alpaca_eval" / "gpt4_1106_preview_outputs.json"
@@ -32,7 +34,7 @@ SHRINK = {
                        "grpo.sampling.max_tokens": 12, "grpo.held_out.max_prompts": 4, "grpo.save_every": 1},
     "grpo_preference": {"grpo.steps": 2, "grpo.prompts_per_step": 2, "grpo.group_size": 4,
                         "grpo.sampling.max_tokens": 12, "grpo.held_out.max_prompts": 4},
-    "compare": {"compare.max_tokens": 8, "compare.reasoning.source": "bundled:reasoning?levels=1&n=4",
+    "compare": {"compare.max_tokens": 8, "compare.reasoning.source": "bundled:reasoning?levels=6&n=4",
                 "compare.chat.source": "bundled:helpful_pairs?n=4", "compare.safety.source": "bundled:safety?n=4"},
     "eval": {"eval.mtbench.max_questions": 2, "eval.mtbench.max_tokens": 8, "eval.alpacaeval.max_instances": 10,
              "eval.alpacaeval.max_tokens": 8, "eval.alpacaeval.reference_outputs": str(ALPACA_REF),
@@ -69,14 +71,28 @@ def test_quickstart_pipeline_end_to_end_then_skips(tmp_path):
     s1 = load_file(str(out / "grpo_reasoning" / "model" / "model.safetensors"))
     s2 = load_file(str(out / "grpo_preference" / "model" / "model.safetensors"))
     assert s1.keys() == s2.keys() and any((s1[k] != s2[k]).any() for k in s1)
-    # The closing table has every checkpoint, in the pipeline's order, with all three columns.
-    table = json.loads((out / "compare" / "COMPLETE.json").read_text())["table"]
+    # The closing table has every checkpoint, in the pipeline's order, with all three columns, each a
+    # mean with its 95% interval over the 4 prompts, and the paired differences of consecutive checkpoints.
+    summary = json.loads((out / "compare" / "COMPLETE.json").read_text())
+    table, diffs = summary["table"], summary["differences"]
     assert list(table) == ["sft", "grpo_reasoning", "grpo_preference"]
+    columns = {"reasoning_accuracy", "helpful_rm_score", "safety_rm_score"}
     for row in table.values():
-        assert set(row) == {"reasoning_accuracy", "helpful_rm_score", "safety_rm_score"}
-        assert 0.0 <= row["reasoning_accuracy"] <= 1.0
+        assert set(row) == columns
+        for name, cell in row.items():
+            assert set(cell) == {"mean", "lo", "hi", "n", "interval"} and cell["n"] == 4
+            assert cell["lo"] <= cell["mean"] <= cell["hi"]
+            assert cell["interval"] == ("wilson" if name == "reasoning_accuracy" else "bootstrap")
+        assert 0.0 <= row["reasoning_accuracy"]["lo"] <= row["reasoning_accuracy"]["hi"] <= 1.0
+    assert list(diffs) == ["grpo_reasoning - sft", "grpo_preference - grpo_reasoning"]
+    assert all(set(d) == columns and d["helpful_rm_score"]["interval"] == "paired-bootstrap" for d in diffs.values())
+    # ... and it is recomputed exactly from the saved per-prompt raw scores (each RM on its own prompts).
+    raw = json.loads((out / "compare" / "per_prompt.json").read_text())
+    assert table_from_raw(raw) == (table, diffs)
+    assert raw["safety_rm_score"]["prompts"] != raw["helpful_rm_score"]["prompts"]
     report = (out / "report.md").read_text()
-    assert "| grpo_preference |" in report and (out / "rewards.png").stat().st_size > 0
+    assert "| grpo_preference |" in report and "95% wilson" in report and "final KL" in report
+    assert "Sample completions" in report and (out / "training.png").stat().st_size > 0
     assert "report:" in first.stdout and "grpo_preference" in first.stdout
     eval_results = json.loads((out / "eval" / "results.json").read_text())
     assert eval_results["mt_bench"] and eval_results["alpaca_eval"]

@@ -10,7 +10,6 @@ The directory is staged under a fixed sibling name (every rank must find it) and
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ import torch
 import torch.distributed as dist
 
 from model.atomic import commit_dir, staging_dir
-
-log = logging.getLogger(__name__)
 
 
 def _barrier(distributed: bool) -> None:

@@ -42,48 +42,12 @@ from ..logprobs import token_logprobs
 from ..offload import Mode, Offloader, OffloadedError
 from . import checkpoint, sharding
 from .batching import MODEL_INPUTS, Forward, LossFn, loss_mask_of, micro_batches, num_rows, padding_batch, to_tensors
+from .numerics import accelerator_for, enable_gradient_checkpointing, resolve_precision, scores_in_forward
 from .rng import rng_state, seed_all, set_rng_state
 
 log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[], nn.Module]
-
-
-def _accelerator(mixed_precision: str):
-    """accelerate's Accelerator for autocast + fp16 loss scaling; its state is per process, reset if it differs."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-
-
-def resolve_precision(mixed_precision: str) -> str:
-    cuda = torch.cuda.is_available()
-    if mixed_precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if mixed_precision == "fp16" and not cuda:
-        raise ValueError("train.mixed_precision=fp16 needs a CUDA device (use bf16 or no on CPU)")
-    return mixed_precision
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in the backward (ours: Backbone's flag; transformers': its own API)."""
-    from model.network import Backbone
-
-    ours = [m for m in model.modules() if isinstance(m, Backbone)]
-    for m in ours:
-        m.gradient_checkpointing = True
-    if not ours:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _scores_in_forward(model: nn.Module) -> bool:
-    from model.network import DeepseekV2LM
-
-    return isinstance(model, DeepseekV2LM)
 
 
 class TrainWorker:
@@ -99,7 +63,7 @@ class TrainWorker:
         self.precision = resolve_precision(t.mixed_precision)
         if self.sharded and self.precision == "fp16":
             raise ValueError("train.sharding=fsdp2 supports mixed_precision bf16 or no, not fp16")
-        self.accelerator = _accelerator("no" if self.sharded else self.precision)   # fsdp2: MixedPrecisionPolicy
+        self.accelerator = accelerator_for("no" if self.sharded else self.precision)   # fsdp2: MixedPrecisionPolicy
         self.device = self.accelerator.device
         torch.manual_seed(t.seed)                            # identical init on every rank (rank 0 broadcasts too)
         self.model: nn.Module = model_factory().to(self.device)
@@ -218,14 +182,14 @@ class TrainWorker:
         chunk = self.train_cfg.logprob_chunk_tokens
         inner = model if self.sharded else self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
-            if _scores_in_forward(inner):                   # no [B, T, V] logits, forward or backward
+            if scores_in_forward(inner):                   # no [B, T, V] logits, forward or backward
                 out = model(**kwargs, logprob_labels=labels, logprob_chunk_tokens=chunk, temperature=temperature)
                 logp, ent = out.token_logprobs, out.token_entropy
                 if not (grad_entropy and torch.is_grad_enabled()):
                     ent = ent.detach()
             else:
                 out = model(**kwargs)
-        if not _scores_in_forward(inner):
+        if not scores_in_forward(inner):
             logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1]
             if temperature != 1.0:                          # score under the sampling distribution
                 logits = logits / temperature

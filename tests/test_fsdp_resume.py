@@ -15,7 +15,7 @@ from engine.config import ClusterConfig
 from tests.grpo_fixture import make_policy, write_prompts
 from tests.test_resume import align, comparable
 
-STEPS = 6
+STEPS = 4
 
 
 def recipe(tmp: Path) -> Path:

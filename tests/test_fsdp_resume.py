@@ -2,18 +2,12 @@
 the per-step metrics equal an uninterrupted run's. (Resuming a 2-rank checkpoint at 1 rank: test_fsdp.py.)"""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import yaml
 
-from engine.cluster import ray_temp_dir
-from engine.config import ClusterConfig
 from tests.grpo_fixture import make_policy, write_prompts
-from tests.test_resume import align, comparable
+from tests.test_resume import align, assert_same_metrics, kill_after_checkpoint_then_resume
 
 STEPS = 4
 
@@ -39,21 +33,5 @@ def test_fsdp2_kill_and_resume_matches_uninterrupted(tmp_path):
     assert full.wait(timeout=600) == 0, full.stderr.read().decode()[-2000:]
     assert (tmp_path / "full" / "checkpoints" / f"step-{STEPS}" / "engine" / "dcp").is_dir()   # sharded layout
 
-    run = tmp_path / "killed"
-    victim = align("grpo", str(path), "-o", str(run))
-    deadline = time.time() + 600
-    while not (run / "checkpoints" / "step-2" / "trainer_state.json").exists():
-        assert victim.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    subprocess.run(["pkill", "-9", "-f", ray_temp_dir(ClusterConfig(), run)], capture_output=True)
-    resumed = align("grpo", str(path), "-o", str(run), "--resume")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
-
-    want, got = comparable(tmp_path / "full"), comparable(run)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(want, got):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+    kill_after_checkpoint_then_resume(path, tmp_path / "killed", step=2)
+    assert_same_metrics(tmp_path / "full", tmp_path / "killed", STEPS)

@@ -180,11 +180,8 @@ def test_routing_replay_ref_switch(policy, prompts, one_torch_thread):
 
 
 def test_a_reward_failing_on_most_samples_stops_the_step(policy, prompts, one_torch_thread):
-    import rewards.combine
     from rewards.errors import RewardError
 
-    if not hasattr(rewards.combine, "check_failure_share"):
-        pytest.skip("rewards.combine.check_failure_share not available")
     cfg = config(policy, prompts, rewards=[RewardComponent(spec="tests.grpo_fixture:fails_on_long", name="flaky",
                                                            on_error="fallback")])
     engine = InProcessEngine(policy, cfg)

@@ -45,15 +45,12 @@ def comparable(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "refit/"))} for r in rows]
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
-    path = recipe(tmp_path)
-    full = align("grpo", str(path), "-o", str(tmp_path / "full"))
-    assert full.wait(timeout=600) == 0, full.stderr.read().decode()[-2000:]
-
-    run = tmp_path / "killed"
+def kill_after_checkpoint_then_resume(path: Path, run: Path, step: int) -> None:
+    """`align grpo` into run, kill -9 (with its own Ray processes) once checkpoint `step` is complete, then
+    `align grpo --resume` to the end."""
     victim = align("grpo", str(path), "-o", str(run))
     deadline = time.time() + 600
-    while not (run / "checkpoints" / "step-4" / "trainer_state.json").exists():  # mid-run, past a checkpoint
+    while not (run / "checkpoints" / f"step-{step}" / "trainer_state.json").exists():  # mid-run, past a checkpoint
         assert victim.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)
@@ -63,9 +60,20 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     resumed = align("grpo", str(path), "-o", str(run), "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
 
-    want, got = comparable(tmp_path / "full"), comparable(run)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+
+def assert_same_metrics(full: Path, run: Path, steps: int) -> None:
+    """Every step's metrics (timings excluded) of run equal the uninterrupted run's to 1e-6 (relative)."""
+    want, got = comparable(full), comparable(run)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
     for a, b in zip(want, got):
         assert a.keys() == b.keys()
         for k in a:
             assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    path = recipe(tmp_path)
+    full = align("grpo", str(path), "-o", str(tmp_path / "full"))
+    assert full.wait(timeout=600) == 0, full.stderr.read().decode()[-2000:]
+    kill_after_checkpoint_then_resume(path, tmp_path / "killed", step=4)
+    assert_same_metrics(tmp_path / "full", tmp_path / "killed", STEPS)

@@ -27,12 +27,10 @@ def host_model_rewards(engine, components: list[RewardComponent]) -> list[Reward
 
 def check_failures(scored: RewardOutput, max_share: float) -> None:
     """Stop the run (RewardError naming the component) when a component failed or timed out on more than
-    max_share of the step's samples: rewards.combine.check_failure_share, where that exists."""
-    import rewards.combine as combine
+    max_share of the step's samples (rewards.combine.check_failure_share)."""
+    from rewards.combine import check_failure_share
 
-    check = getattr(combine, "check_failure_share", None)
-    if check is not None:
-        check(scored, max_share)
+    check_failure_share(scored, max_share)
 
 
 def merge_scores(outputs: list[RewardOutput]) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from model.atomic import atomic_write_text
+from model.atomic import atomic_write_text, commit_dir, staging_dir
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
@@ -27,14 +26,11 @@ def write_json_atomic(path: Path, obj) -> None:
 def save_state(engine, root: Path, step: int, stream, rewards, keep_last: int, extra: dict) -> Path:
     """A full, resumable checkpoint (engine state, prompt stream, reward statistics): complete or absent."""
     final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(final, "save")   # a fixed name: every training rank writes its shards into it
     engine.save(tmp / "engine")
     write_json_atomic(tmp / "trainer_state.json", {"step": step, "stream": stream.state_dict(),
                                                    "rewards": rewards.state_dict(), **extra})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    commit_dir(tmp, final)
     prune_checkpoints(root, keep_last)
     return final
 

@@ -75,69 +75,130 @@ class Router(nn.Module):
         return Routing(scores, indices, weights * self.scaling)
 
 
+def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs x [N, H] against these [E, out, in] weights: fp32 (CPU only) or bf16,
+    with every row stride a multiple of 16 bytes; CUDA needs sm90+. Otherwise the per-expert loop runs."""
+    if not hasattr(torch, "_grouped_mm") or any(w.dtype != x.dtype for w in weights):
+        return False
+    if x.device.type == "cpu":
+        dtypes = (torch.float32, torch.bfloat16)
+    elif x.device.type == "cuda":
+        dtypes = (torch.bfloat16,) if torch.cuda.get_device_capability(x.device)[0] >= 9 else ()
+    else:
+        return False
+    return x.dtype in dtypes and all(w.shape[-1] * w.element_size() % 16 == 0 and
+                                     w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
+
+
+def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  grouped: bool | None = None) -> torch.Tensor:
+    """Rows of x [n, H] sorted by expert, counts [E] rows per expert (sum = n) -> SwiGLU outputs [n, H].
+
+    Grouped GEMM: one torch._grouped_mm per projection with offsets cumsum(counts) on the device (no
+    host sync; an expert with no rows is an empty group). Loop: per expert, needs counts on the host."""
+    if x.dtype != gate_up.dtype and torch.is_autocast_enabled(x.device.type):   # what F.linear's autocast does
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+    if grouped is None:
+        grouped = grouped_mm_ok(x, gate_up, down)
+    if grouped:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)                            # [E] group ends
+        g, u = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)   # [n, I] each
+        return torch._grouped_mm((F.silu(g) * u).contiguous(), down.transpose(-2, -1), offs=offs)  # [n, H]
+    chunks = []
+    for e, rows in enumerate(x.split(counts.tolist())):
+        if rows.shape[0]:
+            g, u = F.linear(rows, gate_up[e]).chunk(2, dim=-1)                       # [n_e, I] each
+            chunks.append(F.linear(F.silu(g) * u, down[e]))                          # [n_e, H]
+    return torch.cat(chunks) if chunks else x.new_zeros(0, down.shape[1])
+
+
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as 3-D params, as transformers does: gate_up [E, 2I, H], down [E, H, I]."""
+    """E SwiGLU experts stored as 3-D params, as transformers does: gate_up [E, 2I, H], down [E, H, I].
+
+    `grouped`: None = torch._grouped_mm where the device and dtype allow it (grouped_mm_ok), else the loop;
+    True/False force one (tests, benchmarks). Under expert parallelism (engine/train/expert_parallel.py)
+    `dispatch` is set: it sends the sorted rows to the ranks holding their experts and back."""
 
     def __init__(self, config):
         super().__init__()
         E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.grouped: bool | None = None
+        self.dispatch = None
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """x [N, H]; indices, weights, keep [N, k] -> [N, H]. Tokens are sorted by expert and run per expert."""
+        """x [N, H]; indices, weights, keep [N, k] -> [N, H]. Assignments sorted by expert, run as groups.
+        A dropped assignment (keep False) sorts after all others and joins the last group with gate value 0:
+        it adds exactly 0 to the output and to every gradient, and the shapes stay free of host syncs."""
         N, k = indices.shape
-        flat_expert = indices.reshape(-1)                                       # [N*k]
-        flat_token = torch.arange(N, device=x.device).repeat_interleave(k)     # [N*k]
-        flat_weight = weights.reshape(-1)
-        if keep is not None:  # dropped assignments never reach their expert
-            kept = keep.reshape(-1)
-            flat_expert, flat_token, flat_weight = flat_expert[kept], flat_token[kept], flat_weight[kept]
-        order = flat_expert.argsort(stable=True)
-        flat_expert, flat_token, flat_weight = flat_expert[order], flat_token[order], flat_weight[order]
-        counts = torch.bincount(flat_expert, minlength=self.gate_up_proj.shape[0]).tolist()
-
-        gate_up, down = self.gate_up_proj, self.down_proj
-        chunks = []
-        for e, tokens in enumerate(flat_token.split(counts)):
-            if tokens.numel() == 0:
-                continue
-            g, u = F.linear(x[tokens], gate_up[e]).chunk(2, dim=-1)            # [n_e, I] each
-            chunks.append(F.linear(F.silu(g) * u, down[e]))                   # [n_e, H]
+        E = self.n_experts
+        flat_expert = indices.reshape(-1)                                            # [N*k]
+        weight = weights.reshape(-1)
+        if keep is not None:
+            flat_expert = torch.where(keep.reshape(-1), flat_expert, E)               # E = the "dropped" bin
+            weight = torch.where(keep.reshape(-1), weight, torch.zeros_like(weight))
+        order = flat_expert.argsort(stable=True)                                     # [N*k]
+        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))                             # [E+1], no host sync
+        counts = torch.cat([counts[:E - 1], counts[E - 1:].sum(0, keepdim=True)])     # [E] dropped -> last group
+        flat_token = order // k                                                       # [N*k] source token
+        weight = weight[order]                                                        # [N*k]
+        rows = x[flat_token]                                                          # [n, H] sorted by expert
+        if self.dispatch is not None:
+            y = self.dispatch(rows, counts, self)
+        else:
+            y = expert_swiglu(rows, counts, self.gate_up_proj, self.down_proj, self.grouped)
         out = torch.zeros_like(x)
-        if chunks:
-            y = torch.cat(chunks) * flat_weight[:, None].to(x.dtype)
-            out.index_add_(0, flat_token, y)
-        return out
+        return out.index_add_(0, flat_token, (y * weight[:, None].to(y.dtype)).to(x.dtype))
+
+
+def sequence_ids(token_mask: torch.Tensor, segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Which sequence each token belongs to: (seq [N] long, -1 for padding; number of sequences).
+
+    Padded rows (segments None): one sequence per row, n = B (an all-padding row still counts, as before).
+    Packed rows (segments [B, T], 1-based per row, see network.causal_mask): the sequences of all rows
+    numbered in order, n = their count (a tensor: no host sync)."""
+    B, T = token_mask.shape
+    if segments is None:
+        seq, n = torch.arange(B, device=token_mask.device)[:, None].expand(B, T), B
+    else:
+        per_row = segments.amax(1)                                                     # [B]
+        seq = segments - 1 + (torch.cumsum(per_row, 0) - per_row)[:, None]
+        n = per_row.sum()
+    return torch.where(token_mask.bool(), seq, -1).reshape(-1), n
 
 
 def capacity_keep(routing: Routing, n_experts: int, capacity_factor: float,
-                  token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  seq: torch.Tensor | None = None) -> torch.Tensor:
     """Token dropping: each expert keeps its C highest-affinity assignments. -> [N, k] bool.
 
-    Without token_mask: C = ceil(cf * N * k / E) over the whole batch (DeepSeek-V2 §2.2.4). With
-    token_mask [B, T] (N = B*T): per sequence b, C_b = ceil(cf * T_b * k / E) with T_b its valid
-    tokens, and padding never takes a slot, so a sequence's decisions do not depend on which other
-    sequences share its micro-batch (RL needs that: log-prob and training passes split differently)."""
+    Without seq: C = ceil(cf * N * k / E) over the whole batch (DeepSeek-V2 §2.2.4). With seq [N]
+    (sequence_ids: -1 = padding): per sequence b, C_b = ceil(cf * T_b * k / E) with T_b its valid tokens,
+    and padding never takes a slot, so a sequence's decisions do not depend on which other sequences
+    share its micro-batch, its packed row or its rank (RL needs that: log-prob and training passes split
+    differently; expert parallelism decides before the all-to-all)."""
     N, k = routing.indices.shape
     expert = routing.indices.reshape(-1)
     device = expert.device
-    if token_mask is None:
+    if seq is None:
         group, n_groups = expert, n_experts
         capacity = torch.full((n_experts,), math.ceil(capacity_factor * N * k / n_experts), device=device)
         valid = torch.ones_like(expert, dtype=torch.bool)
     else:
-        B = token_mask.shape[0]
-        seq = torch.arange(B, device=device).repeat_interleave(N // B * k)
-        group, n_groups = seq * n_experts + expert, B * n_experts
-        per_seq = torch.ceil(capacity_factor * token_mask.reshape(B, -1).sum(1).double() * k / n_experts).long()
-        capacity = per_seq.repeat_interleave(n_experts)
-        valid = token_mask.reshape(-1, 1).expand(N, k).reshape(-1).bool()
+        valid_tok = seq >= 0
+        sid = seq.clamp(min=0)
+        valid = valid_tok[:, None].expand(N, k).reshape(-1)
+        group, n_groups = sid.repeat_interleave(k) * n_experts + expert, N * n_experts
+        tokens = torch.zeros(N, device=device, dtype=torch.float64).index_add_(0, sid, valid_tok.double())
+        capacity = torch.ceil(capacity_factor * tokens * k / n_experts).long().repeat_interleave(n_experts)
     affinity = routing.scores.gather(1, routing.indices).reshape(-1)
     affinity = torch.where(valid, affinity, torch.full_like(affinity, -1.0))    # padding ranks last
     by_affinity = affinity.argsort(descending=True, stable=True)
     by_group = by_affinity[group[by_affinity].argsort(stable=True)]            # grouped, best first
-    counts = torch.bincount(group, minlength=n_groups)
+    counts = torch.zeros(n_groups, dtype=torch.long, device=device).scatter_add_(0, group, torch.ones_like(group))
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(group)
     rank[by_group] = torch.arange(group.numel(), device=device) - starts[group[by_group]]
@@ -145,8 +206,9 @@ def capacity_keep(routing: Routing, n_experts: int, capacity_factor: float,
 
 
 def balance_losses(routing: Routing, token_mask: torch.Tensor, batch: int, n_devices: int, m_devices: int,
-                   alphas: tuple[float, float, float]) -> dict[str, torch.Tensor]:
-    """DeepSeek-V2 eqs. (23)-(31), computed per sequence (T = its valid tokens) and averaged over sequences.
+                   alphas: tuple[float, float, float], segments: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """DeepSeek-V2 eqs. (23)-(31), computed per sequence (T = its valid tokens) and averaged over sequences
+    (rows, or with segments [B, T] the packed sequences: see sequence_ids; both give the same values).
 
     f_i  = E/(K T) * #tokens choosing expert i      P_i  = mean_t s_{i,t}
     expert: a1 * sum_i f_i P_i
@@ -155,28 +217,30 @@ def balance_losses(routing: Routing, token_mask: torch.Tensor, batch: int, n_dev
     """
     N, E = routing.scores.shape
     K = routing.indices.shape[1]
-    mask = token_mask.reshape(batch, -1).float()                                # [B, T]
-    T = mask.sum(1).clamp(min=1)                                                # [B]
+    seq, n_seqs = sequence_ids(token_mask.reshape(batch, -1), segments)
+    valid = (seq >= 0).float()[:, None]                                         # [N, 1]
+    sid = seq.clamp(min=0)
+    per_seq = lambda v: torch.zeros(N, v.shape[1], device=v.device, dtype=v.dtype).index_add_(0, sid, v * valid)  # noqa: E731
+    T = per_seq(torch.ones(N, 1, device=seq.device)).clamp(min=1)               # [N, 1] (rows >= n_seqs: empty)
     scores = routing.scores
     if scores.sum(-1).mean() > 1 + 1e-3:  # sigmoid affinities: normalise per token as V3 does
         scores = scores / scores.sum(-1, keepdim=True)
-    chosen = torch.zeros(N, E, device=scores.device).scatter_(1, routing.indices, 1.0).view(batch, -1, E)
-    s = scores.view(batch, -1, E)
-    P = (s * mask[..., None]).sum(1) / T[:, None]                                # [B, E]
-    f = (chosen * mask[..., None]).sum(1) * E / (K * T[:, None])                 # [B, E]
+    chosen = torch.zeros(N, E, device=scores.device).scatter_(1, routing.indices, 1.0)   # [N, E]
+    P = per_seq(scores) / T                                                      # [S, E]
+    f = per_seq(chosen) * E / (K * T)                                            # [S, E]
     out: dict[str, torch.Tensor] = {}
     a1, a2, a3 = alphas
     if a1:
-        out["expert"] = a1 * (f * P).sum(-1).mean()
+        out["expert"] = a1 * (f * P).sum() / n_seqs
     if a2 or a3:
-        P_dev = P.view(batch, n_devices, E // n_devices).sum(-1)                 # [B, D]
+        P_dev = P.view(N, n_devices, E // n_devices).sum(-1)                     # [S, D]
         if a2:
-            f_dev = f.view(batch, n_devices, E // n_devices).mean(-1)
-            out["device"] = a2 * (f_dev * P_dev).sum(-1).mean()
+            f_dev = f.view(N, n_devices, E // n_devices).mean(-1)
+            out["device"] = a2 * (f_dev * P_dev).sum() / n_seqs
         if a3:
-            sent = chosen.view(batch, -1, n_devices, E // n_devices).amax(-1)    # [B, T, D] token t reaches device d
-            f_comm = (sent * mask[..., None]).sum(1) * n_devices / (m_devices * T[:, None])
-            out["comm"] = a3 * (f_comm * P_dev).sum(-1).mean()
+            sent = chosen.view(N, n_devices, E // n_devices).amax(-1)            # [N, D] token t reaches device d
+            f_comm = per_seq(sent) * n_devices / (m_devices * T)
+            out["comm"] = a3 * (f_comm * P_dev).sum() / n_seqs
     return out
 
 
@@ -197,8 +261,9 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)  # assignments since reset
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor, replay: torch.Tensor | None = None,
-                count_load: bool = True):
+                count_load: bool = True, segments: torch.Tensor | None = None):
         """x [B, T, H], token_mask [B, T] -> (y [B, T, H], indices [B, T, k], balance-loss dict).
+        segments [B, T]: packed rows (see sequence_ids); per-sequence terms then follow the packed sequences.
         count_load=False leaves the load counter to the caller (activation checkpointing recomputes this)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
@@ -206,13 +271,13 @@ class MoE(nn.Module):
         keep = None
         if self.training and self.capacity_factor:
             keep = capacity_keep(routing, self.n_experts, self.capacity_factor,
-                                 token_mask if self.capacity_per_sequence else None)
+                                 sequence_ids(token_mask, segments)[0] if self.capacity_per_sequence else None)
         y = self.experts(flat, routing.indices, routing.weights, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if count_load:
             self.record_load(routing.indices, token_mask)
-        losses = balance_losses(routing, token_mask, B, self.n_devices, self.m_devices, self.alphas) \
+        losses = balance_losses(routing, token_mask, B, self.n_devices, self.m_devices, self.alphas, segments) \
             if self.training and any(self.alphas) else {}
         return y.view(B, T, H), routing.indices.view(B, T, -1), losses
 

@@ -44,13 +44,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rotation, mask, token_mask, cache: LatentCache | None = None, replay=None,
-                count_load: bool = True):
+                count_load: bool = True, segments=None):
         h = self.input_layernorm(x)
         x = x + (self.self_attn(h, rotation, mask) if cache is None else self.self_attn.decode(h, rotation, mask, cache))
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None, {}
-        y, indices, losses = self.mlp(h, token_mask, replay, count_load=count_load)
+        y, indices, losses = self.mlp(h, token_mask, replay, count_load=count_load, segments=segments)
         return x + y, indices, losses
 
 
@@ -79,11 +79,13 @@ class Backbone(nn.Module):
             segments = (position_ids == 0).long().cumsum(-1)      # padding-free packing (TRL)
         token_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         mask = causal_mask(attention_mask, position_ids, T, segments=segments)
-        hidden, routed, losses = self.run(input_ids, mask, position_ids, token_mask, replay=routed_experts)
+        hidden, routed, losses = self.run(input_ids, mask, position_ids, token_mask, replay=routed_experts,
+                                          segments=segments)
         return BackboneOutput(last_hidden_state=hidden, routed_experts=tuple(routed), balance_losses=losses)
 
-    def run(self, input_ids, mask, position_ids, token_mask, cache=None, replay=None):
-        """The decoder stack on prepared masks: (hidden [B, T, D], routed experts per MoE layer, balance losses)."""
+    def run(self, input_ids, mask, position_ids, token_mask, cache=None, replay=None, segments=None):
+        """The decoder stack on prepared masks: (hidden [B, T, D], routed experts per MoE layer, balance losses).
+        segments [B, T]: packed sequences (1-based per row); the MoE's per-sequence terms follow them."""
         x = self.embed_tokens(input_ids)                                            # [B, T, D]
         rotation = self.rotary(position_ids)                                        # [B, T, d_R/2]
         routed, losses = [], {}
@@ -94,11 +96,12 @@ class Backbone(nn.Module):
                 layer_replay = replay[:, moe_i] if torch.is_tensor(replay) and replay.dim() == 4 else replay[moe_i]
             if self.gradient_checkpointing and self.training and cache is None:  # recompute in backward
                 x, indices, layer_losses = torch.utils.checkpoint.checkpoint(
-                    layer, x, rotation, mask, token_mask, None, layer_replay, False, use_reentrant=False)
+                    layer, x, rotation, mask, token_mask, None, layer_replay, False, segments, use_reentrant=False)
                 if layer.is_moe:                  # counted here, once: the recompute would count again
                     layer.mlp.record_load(indices, token_mask)
             else:
-                x, indices, layer_losses = layer(x, rotation, mask, token_mask, cache, layer_replay)
+                x, indices, layer_losses = layer(x, rotation, mask, token_mask, cache, layer_replay,
+                                                 segments=segments)
             if layer.is_moe:
                 routed.append(indices)
                 moe_i += 1

@@ -188,13 +188,18 @@ def validate(data: dict, path: str | Path) -> BaseModel:
 
 def recipe_hash(recipe: BaseModel, upstream: list[str] = (), exclude: tuple[str, ...] = ()) -> str:
     """sha256 of a resolved recipe (after overrides and `${stage}` substitution), output_dir and the stage
-    block's `exclude` fields left out, chained with the hashes of the stages it reads from (so a re-run
+    block's `exclude` fields (dotted paths reach into nested blocks) left out, chained with the hashes of the stages it reads from (so a re-run
     upstream changes it)."""
     data = recipe.model_dump(mode="json")
     block = data.get(data.get("stage"), {})
     if isinstance(block, dict):
-        for key in ("output_dir", *exclude):
-            block.pop(key, None)
+        for key in ("output_dir", *exclude):       # dotted = nested: "engine.train.world_size"
+            *parents, leaf = key.split(".")
+            node = block
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
     text = json.dumps({"recipe": data, "upstream": list(upstream)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

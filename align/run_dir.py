@@ -21,9 +21,11 @@ from align.errors import UserError
 from align.eval.io import write_json
 
 RUN_FILE = "RUN.json"
-# Fields that do not change which run a checkpoint belongs to: extending or re-saving a run is allowed.
+# Fields that do not change which run a checkpoint belongs to: extending or re-saving a run is allowed, and
+# so is moving it to another cluster shape (sharded checkpoints reshard: a 2-rank fsdp2 step resumes at 1 rank).
 CONTINUATION_FIELDS = ("steps", "max_steps", "save_every", "save_steps", "keep_last", "logging_steps",
-                       "wandb_project")
+                       "wandb_project", "engine.cluster", "engine.train.world_size", "engine.train.replicas",
+                       "engine.train.cpu_offload")
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:

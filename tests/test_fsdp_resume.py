@@ -1,7 +1,9 @@
 """kill -9 in the middle of a 2-rank fsdp2 GRPO run (sharded DCP checkpoints), then `align grpo --resume`:
-the per-step metrics equal an uninterrupted run's. (Resuming a 2-rank checkpoint at 1 rank: test_fsdp.py.)"""
+the per-step metrics equal an uninterrupted run's; and the finished 2-rank run continues at 1 rank (DCP
+reshards; the rank count is not part of the run's identity). Worker-level resharding checks: test_fsdp.py."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -35,3 +37,11 @@ def test_fsdp2_kill_and_resume_matches_uninterrupted(tmp_path):
 
     kill_after_checkpoint_then_resume(path, tmp_path / "killed", step=2)
     assert_same_metrics(tmp_path / "full", tmp_path / "killed", STEPS)
+
+    # the finished 2-rank run continues at 1 rank: DCP reshards, the rank count is not the run's identity
+    more = align("grpo", str(path), "-o", str(tmp_path / "full"), "--resume", f"grpo.steps={STEPS + 1}",
+                 "grpo.engine.train.world_size=1")
+    assert more.wait(timeout=600) == 0, more.stderr.read().decode()[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 2))      # continued, not restarted
+    assert (tmp_path / "full" / "checkpoints" / f"step-{STEPS + 1}").is_dir()

@@ -76,6 +76,8 @@ class Plan:
     rank: dict[str, float]                 # what one training rank holds: params, grads, optimizer, reference
     host_per_rank: float
     phases: list[Phase] = field(default_factory=list)
+    adapter_params: int = 0                # LoRA: what trains (grads, AdamW); the base is the reference
+    reference_saved: float = 0.0           # LoRA: bytes per rank of the reference copy it does not load
 
     def fits(self, phase: Phase) -> bool:
         return phase.total <= self.gpu_bytes
@@ -108,8 +110,14 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float = 80.0, prompt
     sharded = t.sharding == "fsdp2"
     S = world // t.replicas if sharded else 1
     compute = 2 if t.mixed_precision in ("bf16", "fp16", "auto") else 4
-    rank = {"params": 4 * P / S, "grads": 4 * P / S, "optimizer": 8 * P / S,
-            "reference": 4 * P / S if (cfg.beta > 0 or t.reference) else 0.0}
+    from engine.train.lora import count_for
+
+    lora = getattr(cfg, "lora", None) or t.lora          # LoRA: grads + AdamW for the adapters only, no reference
+    A = count_for(shape.config, lora) if lora is not None else 0
+    trained = A if lora is not None else P
+    wants_ref = cfg.beta > 0 or t.reference
+    rank = {"params": 4 * (P + A) / S, "grads": 4 * trained / S, "optimizer": 8 * trained / S,
+            "reference": 4 * P / S if wants_ref and lora is None else 0.0}
     gathered = 2 * compute * shape.largest_layer if sharded and S > 1 else 0.0
     on_gpu = {k: (0.0 if t.cpu_offload else v) for k, v in rank.items()}
     host = sum(rank.values()) if t.cpu_offload else 0.0
@@ -144,7 +152,8 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float = 80.0, prompt
         Phase("train", **trainer({"params", "optimizer"}, True), grads=on_gpu["grads"], activations=act,
               vllm_weights=0 if asleep else rollout_w, kv_cache=0 if asleep else rollout_kv),
     ]
-    return Plan(cfg.init_from, P, world, gpu_memory_gib * GiB, rank, host, phases)
+    return Plan(cfg.init_from, P, world, gpu_memory_gib * GiB, rank, host, phases, A,
+                4 * P / S if wants_ref and lora is not None else 0.0)
 
 
 def format_plan(plan: Plan) -> str:
@@ -157,6 +166,8 @@ def format_plan(plan: Plan) -> str:
              f"per training rank (GiB): params {r['params'] / GiB:.1f}, grads {r['grads'] / GiB:.1f}, optimizer "
              f"{r['optimizer'] / GiB:.1f}, reference {r['reference'] / GiB:.1f}; host (cpu_offload) "
              f"{plan.host_per_rank / GiB:.1f}",
+             *([f"LoRA: {plan.adapter_params / 1e6:.1f}M adapter parameters train; reference = the base with "
+                f"adapters off, {plan.reference_saved / GiB:.1f} GiB per rank not loaded"] if plan.adapter_params else []),
              f"{'phase (GiB/GPU)':<16}{'weights':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'vllm_w':>8}{'kv':>8}"
              f"{'total':>8}  fits"]
     for p in plan.phases:

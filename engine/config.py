@@ -86,6 +86,35 @@ class OptimConfig(BaseModel):
         return self
 
 
+class LoraConfig(BaseModel):
+    """LoRA adapters on the policy (peft): the base weights stay frozen, only the adapters train.
+
+    target_modules: linear layers by name suffix (MLA projections by default); target_experts: the routed
+    experts' 3-D tensors through peft's parameter targeting (`mlp.experts.gate_up_proj`, `.down_proj`;
+    peft allows no dropout there). The frozen base doubles as the reference model (adapters disabled).
+    sync: what refit sends to the rollout engine; auto = the adapters where the backend applies them
+    (native), else the merged weights of the targeted layers only (vLLM; see engine/lora_sync.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "q_a_proj", "q_b_proj",
+                                                               "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    target_experts: list[Literal["gate_up_proj", "down_proj"]] = Field(
+        default_factory=lambda: ["gate_up_proj", "down_proj"])
+    sync: Literal["auto", "adapter", "merged", "full"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.target_experts and self.dropout:
+            raise ValueError("lora.dropout must be 0 when lora.target_experts is set (peft cannot apply it there)")
+        if not self.target_modules and not self.target_experts:
+            raise ValueError("lora needs target_modules or target_experts")
+        return self
+
+
 class TrainConfig(BaseModel):
     """Training ranks, sharding and numerics of the trainer."""
 
@@ -110,6 +139,8 @@ class TrainConfig(BaseModel):
     logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
     logprob_micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward in compute_logprobs (no gradients); None = the optimiser's")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters only; with reference, the reference "
+                                                      "is the base (adapters off), no copy is loaded")
 
     @property
     def dp_world_size(self) -> int:

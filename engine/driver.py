@@ -139,7 +139,7 @@ class HybridEngine:
             return None
         sched = OffloadScheduler(mode=mode)  # type: ignore[arg-type]
         self._refresh_sizes()
-        names = ["policy", "optimizer"] + (["ref"] if self.has_ref else [])
+        names = ["policy", "optimizer"] + (["ref"] if self.has_ref and self.train_cfg.lora is None else [])
         for name in names:
             sched.register(Item(name, functools.partial(self._sizes.get, name, 0),
                                 functools.partial(self._on_workers, "offload", name),
@@ -224,15 +224,16 @@ class HybridEngine:
         """Stream the trainer's weights (checkpoint names, float32 numpy buckets) into the rollout engine:
         rank 0 streams them; under fsdp2 the other ranks join each tensor's all-gather (refit_peer)."""
         self.enter_phase("refit")
-        peers = [w.refit_peer.remote() for w in self.workers[1:]] if self.train_cfg.sharding == "fsdp2" else []
+        payload, load = self._refit_payload()            # LoRA: adapters or merged layers (engine/lora_sync.py)
+        peers = [w.refit_peer.remote(payload) for w in self.workers[1:]] if self.train_cfg.sharding == "fsdp2" else []
         bucket_bytes = int((bucket_mb or self.rollout_cfg.refit_bucket_mb) * 1e6)
         start = time.perf_counter()
         gen = self.workers[0].weight_buckets.options(     # rank 0 stays at most 2 buckets ahead
-            num_returns="streaming", _generator_backpressure_num_objects=2).remote(bucket_bytes)
+            num_returns="streaming", _generator_backpressure_num_objects=2).remote(bucket_bytes, payload)
         pending, tensors, nbytes, nbuckets = [], 0, 0, 0
         try:
             for ref in gen:
-                pending.append(self.rollout.load_weights.remote(ref))
+                pending.append(load.remote(ref))
                 nbuckets += 1
                 if len(pending) >= 2:                       # at most two buckets in flight
                     t, b = self._get(pending.pop(0), "refit load_weights", role="rollout")
@@ -249,6 +250,17 @@ class HybridEngine:
                            num_buckets=nbuckets)
         log.info("%s -> rollout version %d", stats, self.rollout_version)
         return stats
+
+    def _refit_payload(self) -> tuple[str, Any]:
+        """(payload, rollout method): full weights without LoRA; with it, lora.sync resolved for the backend."""
+        from .lora_sync import refit_payload
+
+        if self.train_cfg.lora is None:
+            return "full", self.rollout.load_weights
+        if getattr(self, "_applies_adapters", None) is None:
+            self._applies_adapters = self._get(self.rollout.supports_adapters.remote(), "rollout supports_adapters")
+        payload = refit_payload(self.train_cfg.lora.sync, self._applies_adapters)
+        return payload, self.rollout.load_adapter if payload == "adapter" else self.rollout.load_weights
 
     def save(self, path: str | os.PathLike) -> None:
         """Checkpoint model + optimizer + scheduler + every rank's RNG (path shared by all ranks): rank 0

@@ -104,6 +104,14 @@ class NativeRollout:
             target.copy_(value)
         return time.perf_counter() - t0
 
+    def load_adapter(self, named_arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+        """LoRA refit: W = W_base + L @ R per adapted tensor (engine/lora_sync.py), the base kept from the first."""
+        from .lora_sync import AdapterApplier
+
+        if getattr(self, "_adapters", None) is None:
+            self._adapters = AdapterApplier(self.network)
+        self._adapters.load(named_arrays)
+
     def sleep(self) -> None:  # nothing to free on the CPU path
         pass
 

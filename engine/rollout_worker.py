@@ -117,6 +117,16 @@ class RolloutWorker:
         self.impl.load_weights(iter(named))
         return len(named), int(sum(a.nbytes for _, a in named))
 
+    def supports_adapters(self) -> bool:
+        """Whether the backend applies LoRA factors itself (load_adapter); see engine/lora_sync.py."""
+        return callable(getattr(self.impl, "load_adapter", None))
+
+    def load_adapter(self, named: Iterable[tuple[str, np.ndarray]]) -> tuple[int, int]:
+        """Load one bucket of LoRA factors (`<tensor>.lora_lhs` / `.lora_rhs`); returns (tensors, bytes)."""
+        named = list(named)
+        self.impl.load_adapter(iter(named))
+        return len(named), int(sum(a.nbytes for _, a in named))
+
     def finish_refit(self, version: int) -> None:
         """Called after the last bucket: backends that stage weights may finalise here."""
         done = getattr(self.impl, "finish_refit", None)

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from align.data.loading import DataSource
 from align.grpo.objective import GSPO_CLIP
-from engine.config import EngineConfig
+from engine.config import EngineConfig, LoraConfig
 from engine.sampling import SamplingConfig
 from rewards.combine import RewardComponent
 
@@ -58,6 +58,10 @@ class GRPOConfig(BaseModel):
     max_reward_failure_share: float = Field(0.5, ge=0, le=1, description="stop when a reward component fails "
                                                                        "on more than this share of a step")
     log_samples: int = Field(4, ge=0, description="completions per step written to samples.jsonl")
+    lora: LoraConfig | None = Field(
+        None, description="LoRA GRPO: train peft adapters on attention and routed experts; the base with adapters "
+                          "off is the reference (no copy loaded); refit sends adapters or merged layers; the "
+                          "export is a merged HF checkpoint with the adapter in model/adapter (engine.train.lora)")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     held_out: HeldOutConfig | None = None
     save_every: int = Field(0, ge=0, description="full checkpoint every N steps (0 = only at the end)")
@@ -72,6 +76,16 @@ class GRPOConfig(BaseModel):
             self.clip_low = low
         if self.clip_high is None:
             self.clip_high = high
+        if self.lora is not None:                           # the engine-level block the trainer reads
+            if self.engine.train.lora is not None and self.engine.train.lora != self.lora:
+                raise ValueError("grpo.lora and grpo.engine.train.lora differ: set grpo.lora only")
+            self.engine.train.lora = self.lora
+        names = {d.label for d in self.data}
+        for c in self.rewards:                              # a typo in a scope would silently score nothing
+            unknown = sorted(set((c.where or {}).get("data_source", [])) - names)
+            if unknown:
+                raise ValueError(f"rewards '{c.label}'.where.data_source names {unknown}, not a data source of "
+                                 f"this stage (its sources: {sorted(names)}; set data[].name to rename one)")
         if self.is_correction != "none" and not self.sampling.logprobs:
             raise ValueError(f"is_correction={self.is_correction} needs the rollout's log-probs (sampling.logprobs)")
         return self

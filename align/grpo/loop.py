@@ -121,6 +121,7 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, stream: PromptStream, rewards:
         stats = engine.sync_weights()
         refit_s = float(getattr(stats, "seconds", 0.0))
         metrics["refit/mb_per_s"] = float(getattr(stats, "mb_per_s", 0.0))
+        metrics["refit/bytes"] = float(getattr(stats, "bytes", 0))       # LoRA: adapters or changed layers only
     t_end = time.perf_counter()
     metrics.update({"time/rollout": groups.seconds["rollout"], "time/reward": groups.seconds["reward"],
                     "time/train": t_train - t_reward,

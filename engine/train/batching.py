@@ -11,7 +11,7 @@ by rows, so per-sequence means come out exact. The reported "loss" is the sum of
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,34 @@ class Forward:
     output: Any
     global_num_tokens: float
     global_num_seqs: int
+    seq_ids: torch.Tensor | None = None     # packed micro-batch (packing.py): [1, n-1] sequence of each position
+    seq_pos: torch.Tensor | None = None     # [1, n-1] its index within that sequence
+    seq_count: int = 0                      # sequences packed
+    seq_len: int = 0                        # the longest one
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences in this micro-batch (rows, or packed sequences)."""
+        return self.seq_count if self.seq_ids is not None else self.logp.shape[0]
+
+    def per_sequence(self, mb: dict[str, torch.Tensor]) -> tuple[Forward, dict[str, torch.Tensor]]:
+        """A packed micro-batch as one row per sequence: logp, entropy, mask and every packed per-position
+        tensor of `mb` become [S, L] (position j of row s = the sequence's j-th scored position; 0 beyond
+        its end, masked), differentiably. Per-sequence terms (seq-mean, GSPO's ratio) then are exact.
+        A padded micro-batch comes back as it is."""
+        if self.seq_ids is None:
+            return self, mb
+        shape = self.seq_ids.shape
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros((self.seq_count, self.seq_len) + tuple(x.shape[2:]))
+            return out.index_put((self.seq_ids[0], self.seq_pos[0]), x[0])
+
+        fwd = replace(self, logp=rows(self.logp), entropy=rows(self.entropy), mask=rows(self.mask),
+                      seq_ids=None, seq_pos=None)
+        mb = {k: rows(v) if isinstance(v, torch.Tensor) and v.shape[:2] == shape and k not in ("seq_ids", "seq_pos")
+              else v for k, v in mb.items()}
+        return fwd, mb
 
     def token_mean(self, values: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of a token-mean over the whole global batch."""
@@ -43,7 +71,7 @@ class Forward:
     def token_mean_metric(self, values: torch.Tensor) -> float:
         """A metric value that the engine's row-weighted averaging over micro-batches and ranks turns
         into the exact token mean of `values` over the whole global batch."""
-        rows = values.shape[0]
+        rows = self.num_seqs
         return float((values * self.mask).sum()) / max(self.global_num_tokens, 1.0) * self.global_num_seqs / max(rows, 1)
 
 

@@ -4,6 +4,8 @@ Two layouts, chosen by `train.sharding` when saving and detected when loading:
 - replicated (sharding=none): rank 0 writes model.safetensors + optimizer.pt (every rank holds the same);
 - sharded (sharding=fsdp2): every rank writes its shards with torch.distributed.checkpoint into dcp/;
   loading it at another rank count (or unsharded, at 1 rank) reshards: DCP plans reads by tensor name.
+trainable_only (LoRA): only the parameters that train (the adapters) and their AdamW state are saved
+(adapter.safetensors, or DCP with frozen parameters left out); the frozen base comes from init_from.
 Both add scheduler.pt, rng.pt (a list: one state per rank) and trainer_state.json, written by rank 0.
 The directory is staged under a fixed sibling name (every rank must find it) and renamed in whole.
 """
@@ -25,14 +27,21 @@ def _barrier(distributed: bool) -> None:
         dist.barrier()
 
 
-def _dcp_state(model, optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+def _dcp_state(model, optimizer, trainable_only: bool = False) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    return {"model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save(path: Path, *, rank: int, distributed: bool, sharded: bool, model, optimizer, scheduler, step: int,
-         rngs: list[dict[str, Any]]) -> None:
+         rngs: list[dict[str, Any]], trainable_only: bool = False) -> None:
     """Every rank calls this when sharded; only rank 0 when replicated."""
     from safetensors.torch import save_model
 
@@ -44,9 +53,14 @@ def save(path: Path, *, rank: int, distributed: bool, sharded: bool, model, opti
         if sharded:
             import torch.distributed.checkpoint as dcp
 
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+            dcp.save(_dcp_state(model, optimizer, trainable_only), checkpoint_id=str(tmp / "dcp"))
         if rank == 0:
-            if not sharded:
+            if not sharded and trainable_only:
+                from safetensors.torch import save_file
+
+                save_file(_trainable(model), str(tmp / "adapter.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            elif not sharded:
                 save_model(model, str(tmp / "model.safetensors"))
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -62,7 +76,8 @@ def save(path: Path, *, rank: int, distributed: bool, sharded: bool, model, opti
     _barrier(distributed and sharded)
 
 
-def load(path: Path, *, model, optimizer, scheduler, device, sharded: bool) -> tuple[int, list[dict[str, Any]]]:
+def load(path: Path, *, model, optimizer, scheduler, device, sharded: bool,
+         trainable_only: bool = False) -> tuple[int, list[dict[str, Any]]]:
     """Restore into this rank (every rank calls it; the path must be visible to all). -> (step, rngs)."""
     from safetensors.torch import load_model
 
@@ -73,12 +88,26 @@ def load(path: Path, *, model, optimizer, scheduler, device, sharded: bool) -> t
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state = _dcp_state(model, optimizer)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        state = _dcp_state(model, optimizer, trainable_only)
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     elif sharded:
         raise ValueError(f"{path}: a sharding=none checkpoint; resume it with train.sharding=none")
+    elif trainable_only != (path / "adapter.safetensors").exists():
+        raise ValueError(f"{path}: a {'full' if trainable_only else 'LoRA'} checkpoint; resume it with "
+                         f"train.lora {'set' if trainable_only else 'unset'} as it was saved")
+    elif trainable_only:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path / "adapter.safetensors"), device=str(device))
+        if set(saved) != set(_trainable(model)):
+            raise ValueError(f"{path}: its adapters do not match train.lora (different targets or rank)")
+        model.load_state_dict(saved, strict=False)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     else:
         load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from contextlib import nullcontext
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -40,7 +41,7 @@ from ..config import OptimConfig, TrainConfig
 from ..logprobs import entropy as token_entropy
 from ..logprobs import token_logprobs
 from ..offload import Mode, Offloader, OffloadedError
-from . import checkpoint, sharding
+from . import checkpoint, lora, sharding
 from .batching import MODEL_INPUTS, Forward, LossFn, loss_mask_of, micro_batches, num_rows, padding_batch, to_tensors
 from .numerics import accelerator_for, enable_gradient_checkpointing, resolve_precision, scores_in_forward
 from .rng import rng_state, seed_all, set_rng_state
@@ -68,10 +69,13 @@ class TrainWorker:
         torch.manual_seed(t.seed)                            # identical init on every rank (rank 0 broadcasts too)
         self.model: nn.Module = model_factory().to(self.device)
         self.model.train()
+        if t.lora is not None:                               # adapters only; the frozen base is the reference
+            lora.attach(self.model, t.lora)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.ref: nn.Module | None = None
-        if ref_factory is not None:
+        self.ref_is_base = ref_factory is not None and t.lora is not None    # no reference copy loaded
+        if ref_factory is not None and not self.ref_is_base:
             torch.manual_seed(t.seed)
             self.ref = ref_factory().to(self.device).eval().requires_grad_(False)
         if self.sharded and offload_mode == "real":
@@ -89,7 +93,8 @@ class TrainWorker:
         from transformers import get_scheduler
 
         o = self.optim_cfg
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+        params = [p for p in self.model.parameters() if p.requires_grad]     # LoRA: the adapters
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay, fused=o.fused)
         name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[o.schedule]
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=o.total_steps)
@@ -300,23 +305,31 @@ class TrainWorker:
             raise ValueError(f"compute_logprobs: mode must be 'eval' or 'train', got {mode!r}")
         if which not in ("policy", "ref"):
             raise ValueError(f"compute_logprobs: which must be 'policy' or 'ref', got {which!r}")
-        if which == "ref" and self.ref is None:
+        if which == "ref" and self.ref is None and not self.ref_is_base:
             raise ValueError("compute_logprobs(which='ref') but the engine has no reference model (train.reference)")
-        self._require(which)
-        model = self.model if which == "policy" else self.ref
+        base = which == "ref" and self.ref_is_base                  # LoRA: the policy with adapters disabled
+        self._require("policy" if base else which)
+        model = self.model if which == "policy" or base else self.ref
         model.train(mode == "train" and which == "policy")
         B, T = np.asarray(batch["input_ids"]).shape[:2]
         out = [np.zeros((0, max(T - 1, 0)), dtype=np.float32)]
-        for mb in self._micro_batches(batch, self.train_cfg.logprob_micro_batch_size):
-            fwd = self._forward(model, to_tensors(mb, self.device), False, (0.0, 0))
-            out.append(fwd.logp.float().cpu().numpy())
+        with lora.adapters_disabled(self.unwrapped) if base else nullcontext():
+            for mb in self._micro_batches(batch, self.train_cfg.logprob_micro_batch_size):
+                fwd = self._forward(model, to_tensors(mb, self.device), False, (0.0, 0))
+                out.append(fwd.logp.float().cpu().numpy())
         return np.concatenate(out)[:B]
 
     # -- weights for refit, checkpoints ----------------------------------------------------------
-    def _full_named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, full tensor): under fsdp2 one all-gather per tensor, on every rank in the same order."""
+    def _full_named_tensors(self, payload: str = "full") -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, full tensor): under fsdp2 one all-gather per tensor, on every rank in the same order.
+        LoRA: payload full / merged / adapter (engine/train/lora.py refit_payload); without: full only."""
         from ..refit import hf_named_tensors
 
+        if self.train_cfg.lora is not None:
+            yield from lora.refit_payload(self.unwrapped, payload, sharding.full_tensor)
+            return
+        if payload != "full":
+            raise ValueError(f"refit payload {payload!r} needs train.lora (a full model sends everything)")
         for name, x in self.unwrapped.state_dict().items():
             yield from hf_named_tensors({name: sharding.full_tensor(x)})
 
@@ -328,20 +341,20 @@ class TrainWorker:
         with torch.no_grad():
             return [(n, to_float32_numpy(x).copy()) for n, x in self._full_named_tensors()]
 
-    def weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, np.ndarray]]]:
+    def weight_buckets(self, bucket_bytes: int, payload: str = "full") -> Iterator[list[tuple[str, np.ndarray]]]:
         """Yields buckets of (checkpoint name, float32 array); the driver calls it as a Ray streaming generator
         on rank 0, and refit_peer on the other ranks when sharded."""
         from ..refit import buckets
 
         self._require("policy")
         with torch.no_grad():
-            yield from buckets(self._full_named_tensors(), bucket_bytes)
+            yield from buckets(self._full_named_tensors(payload), bucket_bytes)
 
-    def refit_peer(self) -> None:
+    def refit_peer(self, payload: str = "full") -> None:
         """A non-zero rank's part of a sharded refit: the same all-gathers as rank 0, results dropped."""
         self._require("policy")
         with torch.no_grad():
-            for _ in self._full_named_tensors():
+            for _ in self._full_named_tensors(payload):
                 pass
 
     def held_bytes(self) -> dict[str, int]:
@@ -369,14 +382,15 @@ class TrainWorker:
         self._require("policy", "optimizer")
         checkpoint.save(Path(path), rank=self.rank, distributed=self._distributed, sharded=self.sharded,
                         model=self.unwrapped, optimizer=self.raw_optimizer if self.sharded else self.optimizer,
-                        scheduler=self.scheduler, step=self.step,
+                        scheduler=self.scheduler, step=self.step, trainable_only=self.train_cfg.lora is not None,
                         rngs=rng_states if rng_states is not None else [rng_state()])
 
     def load(self, path: str | os.PathLike) -> int:
         """Restore what save() wrote, at any rank count for a sharded checkpoint (every rank reads it)."""
         self._require("policy", "optimizer")
         self.step, rngs = checkpoint.load(Path(path), model=self.unwrapped, optimizer=self.raw_optimizer,
-                                          scheduler=self.scheduler, device=self.device, sharded=self.sharded)
+                                          scheduler=self.scheduler, device=self.device, sharded=self.sharded,
+                                          trainable_only=self.train_cfg.lora is not None)
         if len(rngs) == self.world_size:
             set_rng_state(rngs[self.rank])
         else:
@@ -388,6 +402,9 @@ class TrainWorker:
     def export_hf(self, path: str | os.PathLike) -> None:
         """The policy as an HF checkpoint directory (rank 0 writes; sharded: every rank joins the gather)."""
         self._require("policy")
+        if self.train_cfg.lora is not None:                 # merged HF checkpoint + the peft adapter in adapter/
+            return lora.export(self.unwrapped, self.train_cfg.lora, Path(path), self.rank, sharding.full_tensor,
+                               self._distributed)
         if not self.sharded:
             if self.rank == 0:
                 atomic_dir(Path(path), lambda tmp: self.unwrapped.save_pretrained(tmp))

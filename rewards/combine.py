@@ -50,6 +50,10 @@ class RewardComponent(BaseModel):
                                     "functions marked @own_timeouts)")
     on_error: Literal["raise", "fallback"] = "fallback"
     fallback: float = Field(0.0, description="value of a failed sample, after normalisation")
+    where: dict[str, list[Any]] | None = Field(
+        None, description="score only the samples whose dataset column has one of these values, e.g. "
+                          "{data_source: [chat]} (GRPO names each data source's rows); the others get 0, are "
+                          "not sent to the function and stay out of its running normaliser. None = every sample")
 
     @property
     def label(self) -> str:
@@ -166,22 +170,41 @@ class RewardSet:
         for key, col in columns.items():
             if not hasattr(col, "__len__") or isinstance(col, (str, bytes)) or len(col) != n:
                 raise RewardError(f"rewards: column '{key}' must be a list of {n} values (one per prompt)")
+        scopes = [self._scope(c, columns, n) for c in self.components]
         results = await asyncio.gather(*(
-            self._run_component(c, fn, kw, prompts, completions, columns)
-            for c, (fn, kw) in zip(self.components, self._fns)))
+            self._run_component(c, fn, kw, [prompts[i] for i in idx], [completions[i] for i in idx],
+                                {k: [v[i] for i in idx] for k, v in columns.items()}) if idx else _nothing()
+            for c, (fn, kw), idx in zip(self.components, self._fns, scopes)))
         out = RewardOutput(total=[0.0] * n, raw={}, scaled={}, failures={})
-        for c, (raw, failed, timed_out) in zip(self.components, results):
-            scaled = self._normalize(c, raw, failed)
+        for c, idx, (sub_raw, sub_failed, sub_timed_out) in zip(self.components, scopes, results):
+            sub_scaled = self._normalize(c, sub_raw, sub_failed)
+            raw, scaled = [0.0] * n, [0.0] * n                # out of scope: 0, not scored
+            for j, i in enumerate(idx):
+                raw[i], scaled[i] = sub_raw[j], sub_scaled[j]
+            failed, timed_out = {idx[j] for j in sub_failed}, {idx[j] for j in sub_timed_out}
             out.raw[c.label], out.scaled[c.label], out.failures[c.label] = raw, scaled, sorted(failed)
             out.timeouts[c.label] = sorted(timed_out)
             out.total = [t + c.weight * s for t, s in zip(out.total, scaled)]
             self.failure_totals[c.label] += len(failed)
-            out.metrics.update(_moments(f"rewards/{c.label}", raw))
+            out.metrics.update(_moments(f"rewards/{c.label}", sub_raw))       # moments over scored samples
+            if c.where is not None:
+                out.metrics[f"rewards/{c.label}/scored"] = float(len(idx))
             out.metrics[f"rewards/{c.label}/failures"] = float(len(failed))
             out.metrics[f"rewards/{c.label}/timeouts"] = float(len(timed_out))
             out.metrics[f"rewards/{c.label}/failures_total"] = float(self.failure_totals[c.label])
         out.metrics.update(_moments("rewards/total", out.total))
         return out
+
+    @staticmethod
+    def _scope(c: RewardComponent, columns: dict[str, list[Any]], n: int) -> list[int]:
+        """Indices of the samples component c scores (its `where`)."""
+        if c.where is None:
+            return list(range(n))
+        for key in c.where:
+            if key not in columns:
+                raise RewardError(f"reward {_who(c)}: `where` names column '{key}', which the data does not have "
+                                  f"(columns: {sorted(columns)})")
+        return [i for i in range(n) if all(columns[k][i] in allowed for k, allowed in c.where.items())]
 
     def _normalize(self, c: RewardComponent, raw: list[float], failed: set[int]) -> list[float]:
         if c.normalize == "none":
@@ -342,6 +365,11 @@ async def _in_thread(fn: RewardFn, args: tuple, kwargs: dict[str, Any], timeout:
 
     threading.Thread(target=target, name=f"reward:{label}", daemon=True).start()
     return await asyncio.wait_for(fut, timeout)
+
+
+async def _nothing() -> tuple[list[float], set[int], set[int]]:
+    """A component with no sample in scope: not called."""
+    return [], set(), set()
 
 
 def _moments(prefix: str, xs: list[float]) -> dict[str, float]:

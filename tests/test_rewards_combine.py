@@ -201,3 +201,28 @@ def test_ascore_inside_event_loop_and_score_refuses_there():
 
     out = asyncio.run(main())
     assert out.raw[f"{FIX}:async_length"] == [4.0] and out.raw["length_penalty"] == [-1.0]
+
+
+def test_where_scopes_a_component_to_its_rows():
+    """A component with `where` scores only its rows: others get 0, are not sent to it, and stay out of
+    its running normaliser (z-scores computed over its own rows alone)."""
+    seen = []
+
+    def length(prompts, completions, **_):
+        seen.append(list(prompts))
+        return [float(len(c)) for c in completions]
+
+    rs = RewardSet([RewardComponent(spec="tests.grpo_fixture:brevity", name="brev", weight=1.0),
+                    RewardComponent(spec="tests.grpo_fixture:brevity", name="len", normalize="zscore-running",
+                                    where={"data_source": ["chat"]})])
+    rs._fns[1] = (length, {})
+    out = rs.score(["a", "b", "c", "d"], ["x", "yyy", "zz", "w" * 50], data_source=["chat", "math", "chat", "math"])
+    assert seen == [["a", "c"]]                                   # only the chat rows reach it
+    assert out.raw["len"] == [1.0, 0.0, 2.0, 0.0]
+    assert out.scaled["len"] == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)   # z over {1, 2} only
+    assert out.metrics["rewards/len/scored"] == 2.0
+    brev = [1 - min(len(c), 40) / 40 for c in ["x", "yyy", "zz", "w" * 50]]
+    assert out.total == pytest.approx([b + s for b, s in zip(brev, [-1.0, 0.0, 1.0, 0.0])])
+    with pytest.raises(RewardError, match="where.*'kind'"):
+        RewardSet([RewardComponent(spec="tests.grpo_fixture:brevity", where={"kind": ["harmful"]})]).score(
+            ["a"], ["b"], data_source=["chat"])

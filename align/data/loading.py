@@ -72,6 +72,16 @@ class DataSource(BaseModel):
     split: str = "train"
     columns: dict[str, str] = {}
     on_bad_rows: OnBadRows = "error"
+    name: str | None = None  # GRPO: the rows' `data_source` column (rewards' `where`); default: see `label`
+
+    @property
+    def label(self) -> str:
+        """`name`, else the bundled dataset's name (`bundled:safety?n=8` -> safety) or the file's stem."""
+        if self.name:
+            return self.name
+        if self.source.startswith("bundled:"):
+            return self.source.removeprefix("bundled:").partition("?")[0]
+        return Path(self.source).stem
 
 
 def _first_line(e: BaseException) -> str:

@@ -46,6 +46,7 @@ class GRPOLoss:
     kl_estimator: str = "k3"
 
     def __call__(self, fwd, mb: dict) -> tuple[torch.Tensor, dict]:
+        fwd, mb = fwd.per_sequence(mb)          # packed micro-batch (train.micro_batch_tokens): one row per sequence
         ref = mb.get("ref_logp") if self.beta else None
         old = mb["old_logp"] if "old_logp" in mb else fwd.logp.detach()
         behavior = mb.get("behavior_logp")

@@ -38,11 +38,12 @@ class PromptStream:
 
 
 def load_prompt_rows(sources) -> list[dict]:
-    """All rows of all sources, every column kept (math rows carry `answer`, code rows `tests`)."""
+    """All rows of all sources, every column kept (math rows carry `answer`, code rows `tests`), plus
+    `data_source`: the source's label (DataSource.label), which reward components can scope to (`where`)."""
     rows: list[dict] = []
     for src in sources:
         ds, _ = load_rows(src.source, src.split, src.columns, ("prompt",), src.on_bad_rows)
-        rows.extend(ds.to_list())
+        rows.extend({**row, "data_source": src.label} for row in ds.to_list())
     return rows
 
 

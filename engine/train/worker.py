@@ -43,6 +43,7 @@ from ..logprobs import token_logprobs
 from ..offload import Mode, Offloader, OffloadedError
 from . import checkpoint, lora, sharding
 from .batching import MODEL_INPUTS, Forward, LossFn, loss_mask_of, micro_batches, num_rows, padding_batch, to_tensors
+from .packing import sequences_in, to_rows, token_budget_micro_batches
 from .numerics import accelerator_for, enable_gradient_checkpointing, resolve_precision, scores_in_forward
 from .rng import rng_state, seed_all, set_rng_state
 
@@ -61,6 +62,8 @@ class TrainWorker:
         self.train_cfg = t = train or TrainConfig()
         self.rank, self.world_size = rank, world_size
         self.sharded = t.sharding == "fsdp2"
+        if t.micro_batch_tokens and (self.optim_cfg.micro_batch_size or self.optim_cfg.grad_accum):
+            raise ValueError("set at most one of train.micro_batch_tokens, optim.micro_batch_size, optim.grad_accum")
         self.precision = resolve_precision(t.mixed_precision)
         if self.sharded and self.precision == "fp16":
             raise ValueError("train.sharding=fsdp2 supports mixed_precision bf16 or no, not fp16")
@@ -169,13 +172,20 @@ class TrainWorker:
                 raise OffloadedError(f"rank {self.rank}: '{n}' is offloaded; enter a phase that declares it first")
 
     # -- forward -------------------------------------------------------------------------------
-    def _micro_batches(self, batch: dict[str, Any], rows: int | None = None) -> list[dict[str, Any]]:
-        """This rank's micro-batches; sharded ranks pad with all-padding rows to the same count (collectives)."""
+    def _micro_batches(self, batch: dict[str, Any], rows: int | None = None, pad: bool = True) -> list[dict[str, Any]]:
+        """This rank's micro-batches (train.micro_batch_tokens: packed, packing.py, unless `rows` is asked);
+        sharded ranks pad with all-padding rows to the same count (collectives)."""
         o = self.optim_cfg
-        mbs = micro_batches(batch, o.micro_batch_size, o.grad_accum, rows)
+        if self.train_cfg.micro_batch_tokens and rows is None:
+            mbs = token_budget_micro_batches(batch, self.train_cfg.micro_batch_tokens)
+        else:
+            mbs = micro_batches(batch, o.micro_batch_size, o.grad_accum, rows)
+        return self._pad_micro_batches(batch, mbs) if pad else mbs
+
+    def _pad_micro_batches(self, batch: dict[str, Any], mbs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.sharded and self.world_size > 1:
             most = int(self._all_reduce([float(len(mbs))], dist.ReduceOp.MAX)[0])
-            mbs += [padding_batch(batch)] * (most - len(mbs))
+            mbs = mbs + [padding_batch(batch)] * (most - len(mbs))
         return mbs
 
     def _forward(self, model: nn.Module, t: dict[str, torch.Tensor], grad_entropy: bool,
@@ -204,23 +214,28 @@ class TrainWorker:
         aux = getattr(out, "aux_loss", None)
         aux = aux if isinstance(aux, torch.Tensor) else torch.zeros((), device=logp.device)
         return Forward(logp=logp, entropy=ent, mask=t["loss_mask_shifted"], aux_loss=aux, output=out,
-                       global_num_tokens=counts[0], global_num_seqs=counts[1])
+                       global_num_tokens=counts[0], global_num_seqs=counts[1], seq_ids=t.get("seq_ids"),
+                       seq_pos=t.get("seq_pos"), seq_count=int(t.get("seq_count", 0)), seq_len=int(t.get("seq_len", 0)))
 
-    def _global_counts(self, batch: dict[str, Any]) -> tuple[float, int]:
-        tokens, seqs = self._all_reduce([float(loss_mask_of(batch).sum()), float(num_rows(batch))])
+    def _global_counts(self, batch: dict[str, Any], mbs: list[dict[str, Any]] | None = None) -> tuple[float, int]:
+        """(scored tokens, sequences) over all ranks; packed micro-batches count what they score."""
+        scored = sum(float(loss_mask_of(mb).sum()) for mb in mbs) if self.train_cfg.micro_batch_tokens and mbs is not None \
+            else float(loss_mask_of(batch).sum())
+        tokens, seqs = self._all_reduce([scored, float(num_rows(batch))])
         return tokens, int(round(seqs))
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this rank's shard; returns metrics reduced over all ranks (identical on each)."""
         self._require("policy", "optimizer")
-        counts = self._global_counts(batch)
-        real = len(micro_batches(batch, self.optim_cfg.micro_batch_size, self.optim_cfg.grad_accum))
+        own = self._micro_batches(batch, pad=False)
+        counts = self._global_counts(batch, own)
+        real = len(own)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         loss_sum = 0.0
-        for i, mb in enumerate(self._micro_batches(batch)):
+        for i, mb in enumerate(self._pad_micro_batches(batch, own)):
             t = to_tensors(mb, self.device)
             fwd = self._forward(self.model, t, self.train_cfg.entropy_grad, counts)
             if i >= real:                                   # padding: zero gradients, same collectives
@@ -231,7 +246,7 @@ class TrainWorker:
                 raise TypeError(f"loss_fn must return (scalar tensor, metrics dict), got {type(loss).__name__}")
             self.accelerator.backward(loss)
             loss_sum += float(loss.detach())
-            w = num_rows(mb) / max(counts[1], 1)              # metrics: row-weighted mean over the batch
+            w = sequences_in(mb) / max(counts[1], 1)          # metrics: row-weighted mean over the batch
             for k, v in metrics.items():
                 sums[k] += w * float(v)
         params = [p for p in self.unwrapped.parameters() if p.requires_grad]
@@ -316,7 +331,7 @@ class TrainWorker:
         with lora.adapters_disabled(self.unwrapped) if base else nullcontext():
             for mb in self._micro_batches(batch, self.train_cfg.logprob_micro_batch_size):
                 fwd = self._forward(model, to_tensors(mb, self.device), False, (0.0, 0))
-                out.append(fwd.logp.float().cpu().numpy())
+                out.append(to_rows(fwd.logp.float().cpu().numpy(), mb, T))
         return np.concatenate(out)[:B]
 
     # -- weights for refit, checkpoints ----------------------------------------------------------

@@ -139,6 +139,13 @@ class TrainConfig(BaseModel):
     logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
     logprob_micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward in compute_logprobs (no gradients); None = the optimiser's")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="token-budget micro-batches: each rank's rows packed padding-free, at most this many "
+                                "tokens per forward/backward (engine/train/packing.py); instead of "
+                                "optim.micro_batch_size / optim.grad_accum")
+    ep_size: int = Field(1, ge=1, description="expert parallelism: routed experts split over groups of ep_size ranks "
+                                              "(all-to-all inside a group; engine/train/expert_parallel.py); divides "
+                                              "world_size and the routed experts; needs sharding=fsdp2 when > 1")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters only; with reference, the reference "
                                                       "is the base (adapters off), no copy is loaded")
 
@@ -155,6 +162,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"train.replicas={self.replicas} does not divide train.world_size={self.world_size}")
         if self.sharding == "fsdp2" and self.mixed_precision == "fp16":
             raise ValueError("train.sharding=fsdp2 supports mixed_precision bf16, no or auto, not fp16")
+        if self.world_size % self.ep_size:
+            raise ValueError(f"train.ep_size={self.ep_size} does not divide train.world_size={self.world_size}")
+        if self.ep_size > 1 and self.sharding != "fsdp2":
+            raise ValueError("train.ep_size > 1 needs train.sharding=fsdp2")
         return self
 
 
@@ -178,3 +189,13 @@ class EngineConfig(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
+
+    @model_validator(mode="after")
+    def _one_micro_batching(self) -> EngineConfig:
+        chosen = [n for n, v in (("train.micro_batch_tokens", self.train.micro_batch_tokens),
+                                 ("optim.micro_batch_size", self.optim.micro_batch_size),
+                                 ("optim.grad_accum", self.optim.grad_accum)) if v is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set at most one of train.micro_batch_tokens, optim.micro_batch_size, optim.grad_accum "
+                             f"(got {', '.join(chosen)})")
+        return self

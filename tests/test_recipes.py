@@ -30,6 +30,8 @@ CASES = [  # (name, recipe text or None for a missing file, extra CLI args, expe
     ("bad override path", GOOD_GRPO, ["grpo.rewards.5.weight=2"], "grpo.rewards.5.weight: no list item '5'"),
     ("override wrong type", GOOD_GRPO, ["grpo.group_size=one"], "grpo.group_size: Input should be a valid integer"),
     ("missing file", None, [], "no such recipe file"),
+    ("reward scoped to no data source", GOOD_GRPO, ["grpo.rewards.0.where={data_source: [reasonin]}"],
+     "where.data_source names ['reasonin'], not a data source"),
 ]
 
 

@@ -23,11 +23,22 @@ def _turns(prompt: str, answer: str) -> list[dict]:
 
 
 def reasoning_sft_rows(
-    split: str = "train", n: int = 1000, seed: int = 0, levels: tuple[int, ...] | list[int] = LEVELS
+    split: str = "train", n: int = 1000, seed: int = 0, levels: tuple[int, ...] | list[int] = LEVELS,
+    direct: int = 0,
 ) -> list[dict]:
-    """Reasoning problems answered with their worked solution (`... #### <answer>`)."""
-    return [{"messages": _turns(r["prompt"], r["solution"]), "source": "reasoning"}
-            for r in reasoning_rows(split, n, seed, levels)]
+    """Reasoning problems answered with their worked solution (`... #### <answer>`), except `direct`
+    percent of them (chosen by a seeded draw), answered with the bare `#### <answer>`: demonstrations of
+    mixed quality, as real SFT data has. Without the steps a small model mostly gets multi-digit sums
+    wrong, so the SFT model answers part of the prompts in the style that fails, and rule-reward RL has
+    a style to move away from (RL amplifies the behaviour in its SFT data that earns reward)."""
+    if not 0 <= direct <= 100:
+        raise ValueError(f"direct must be a percentage in [0, 100], got {direct}")
+    rng = rng_for("reasoning_sft_direct", split, seed)
+    rows = []
+    for r in reasoning_rows(split, n, seed, levels):
+        answer = f"#### {r['answer']}" if rng.random() * 100 < direct else r["solution"]
+        rows.append({"messages": _turns(r["prompt"], answer), "source": "reasoning"})
+    return rows
 
 
 def code_sft_rows(split: str = "train", n: int = 200, seed: int = 0) -> list[dict]:

@@ -5,10 +5,11 @@ run); otherwise the driver joins an existing cluster. If Ray is already initiali
 (a test session, a notebook) it is reused and left running on shutdown.
 
 Placement groups pin actors to resources:
-- colocated: one bundle per training rank; rank i lives in bundle i and the rollout actor shares
-  rank 0's bundle (same GPU), each taking half of it: they alternate, the offload scheduler makes
-  room. With one rank this is exactly one shared bundle.
-- split: bundle 0 is the rollout actor's own, bundles 1..N one per training rank. Custom resources
+- colocated: one bundle per training rank; rank i lives in bundle i and rollout engine i (there are
+  at most as many engines as ranks) shares it (same GPU), each taking half of it: they alternate, the
+  offload scheduler makes room. With one rank this is exactly one shared bundle.
+- split: bundles 0..E-1 are the E rollout engines' own (each with tensor_parallel_size GPUs), bundles
+  E..E+N-1 one per training rank. Custom resources
   (rollout_resources / train_resources, e.g. {"train_node": 1} declared by `ray start --resources`)
   pin bundles to nodes; they are per bundle, so a node hosting two ranks needs 2 units.
 """
@@ -55,26 +56,38 @@ def ray_temp_dir(cfg: ClusterConfig, run_dir: str | os.PathLike) -> str:
     return short
 
 
-def plan_bundles(cfg: ClusterConfig, num_train_ranks: int, use_gpu: bool) -> list[dict[str, float]]:
-    """Placement-group bundles: colocated = one per rank (rollout shares bundle 0); split = rollout + one per rank."""
+def plan_bundles(cfg: ClusterConfig, num_train_ranks: int, use_gpu: bool, num_engines: int = 1,
+                 engine_gpus: int = 1) -> list[dict[str, float]]:
+    """Placement-group bundles: colocated = one per rank (engine i shares bundle i); split = one per engine
+    (engine_gpus GPUs each) + one per rank."""
     gpu = {"GPU": 1.0} if use_gpu else {}
     if cfg.placement == "colocated":
+        if num_engines > num_train_ranks:
+            raise EngineError(f"colocated placement puts rollout engine i on training rank i's GPU: "
+                              f"rollout.num_engines={num_engines} exceeds train.world_size={num_train_ranks} "
+                              "(use cluster.placement=split)")
+        if engine_gpus > 1:
+            raise EngineError(f"colocated placement shares one GPU per engine; rollout.tensor_parallel_size="
+                              f"{engine_gpus} needs cluster.placement=split")
         merged = dict(cfg.train_resources)
         for k, v in cfg.rollout_resources.items():
             merged[k] = max(v, merged.get(k, 0.0))
         first = {"CPU": max(cfg.train_num_cpus, cfg.rollout_num_cpus), **gpu, **merged}
         rest = {"CPU": cfg.train_num_cpus, **gpu, **cfg.train_resources}
         return [first] + [dict(rest) for _ in range(num_train_ranks - 1)]
-    rollout = {"CPU": cfg.rollout_num_cpus, **gpu, **cfg.rollout_resources}
-    return [rollout] + [{"CPU": cfg.train_num_cpus, **gpu, **cfg.train_resources} for _ in range(num_train_ranks)]
+    egpu = {"GPU": float(engine_gpus)} if use_gpu else {}
+    rollout = {"CPU": cfg.rollout_num_cpus, **egpu, **cfg.rollout_resources}
+    return [dict(rollout) for _ in range(num_engines)] + \
+        [{"CPU": cfg.train_num_cpus, **gpu, **cfg.train_resources} for _ in range(num_train_ranks)]
 
 
 class Cluster:
     """Owns the Ray connection, the placement group and every actor created through it."""
 
-    def __init__(self, cfg: ClusterConfig, run_dir: str | os.PathLike, num_train_ranks: int):
+    def __init__(self, cfg: ClusterConfig, run_dir: str | os.PathLike, num_train_ranks: int, num_engines: int = 1,
+                 engine_gpus: int = 1):
         self.cfg = cfg
-        self.num_train_ranks = num_train_ranks
+        self.num_train_ranks, self.num_engines = num_train_ranks, num_engines
         self.actors: list[Any] = []
         self.pg: PlacementGroup | None = None
         self.owns_ray = False
@@ -84,7 +97,7 @@ class Cluster:
         self._install_handlers()
         try:
             self.use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-            self.bundles = plan_bundles(cfg, num_train_ranks, self.use_gpu)
+            self.bundles = plan_bundles(cfg, num_train_ranks, self.use_gpu, num_engines, engine_gpus)
             self.pg = self._placement_group()
         except BaseException:
             self.shutdown()
@@ -140,15 +153,19 @@ class Cluster:
                 placement_group_capture_child_tasks=True),
         }
 
-    def rollout_options(self) -> dict[str, Any]:
+    def rollout_options(self, engine: int = 0) -> dict[str, Any]:
         if self.cfg.placement == "colocated":
-            return self._options(0, 0.5)
-        return self._options(0, 1.0)
+            return self._options(engine, 0.5)
+        return self._options(engine, 1.0)
 
     def train_options(self, rank: int) -> dict[str, Any]:
         if self.cfg.placement == "colocated":
-            return self._options(rank, 0.5 if rank == 0 else 1.0)
-        return self._options(rank + 1, 1.0)
+            return self._options(rank, 0.5 if rank < self.num_engines else 1.0)
+        return self._options(rank + self.num_engines, 1.0)
+
+    def shares_gpu(self, rank: int) -> int | None:
+        """The rollout engine on training rank `rank`'s GPU (colocated), or None."""
+        return rank if self.cfg.placement == "colocated" and rank < self.num_engines else None
 
     def scorer_options(self) -> dict[str, Any]:
         """Scoring actors share the rollout's bundle and take turns with it (the offload phases)."""

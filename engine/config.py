@@ -55,6 +55,18 @@ class RolloutConfig(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the backend constructor "
                                                                      "(over the vllm block's values)")
     refit_bucket_mb: float = Field(64.0, gt=0, description="weight-sync bucket size")
+    num_engines: int = Field(1, ge=1, description="rollout actors, each in its own placement bundle; prompts are "
+                                                  "spread over them and every one is refit after each update")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism; the placement "
+                                                           "gives each engine's bundle that many)")
+    expert_parallel: bool = Field(False, description="vLLM's enable_expert_parallel (experts split over the TP GPUs)")
+    weight_sync: Literal["auto", "object_store", "cuda_ipc", "nccl"] = Field(
+        "auto", description="auto = object store on CPU, CUDA IPC colocated on GPU, NCCL split on GPU "
+                            "(engine/weight_sync)")
+    refit_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the refit buckets; auto = the dtype the engine serves")
+    refit_checksum: bool = Field(False, description="checksum every refit bucket (a corrupted one is an error)")
+    refit_timeout_s: float = Field(600.0, gt=0, description="limit for each refit transfer")
 
 
 class OptimConfig(BaseModel):

@@ -13,7 +13,10 @@ Two levels:
 - `OffloadScheduler` lives in the driver: it knows every item's size and how to offload/reload it
   (usually a Ray call into the owning actor), computes the plan per phase and logs the bytes
   resident per phase. In "accounting" mode (CPU-only machines) it never calls the owners.
-The rollout engine's item is thin: vLLM's own sleep()/wake_up() (`vllm_sleep_slot` in the driver).
+The rollout engine is two items, its weights and its KV cache, moved by the engine itself (vLLM's
+sleep()/wake_up(tags); engine_release / engine_restore in the driver): the refit phase brings back
+only the weights, the rollout phase then the KV cache. With colocated ranks and engines there is one
+scheduler per shared GPU (rank g with engine g), so the bytes it reports are that GPU's.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ log = logging.getLogger(__name__)
 Mode = Literal["real", "accounting"]
 
 DEFAULT_PHASES: dict[str, frozenset[str]] = {
-    "rollout": frozenset({"rollout_engine"}),
+    "rollout": frozenset({"rollout_weights", "rollout_kv"}),
     "reward": frozenset(),
     "reference": frozenset({"ref"}),
     "policy": frozenset({"policy"}),                       # policy forward only (old log-probs)
     "train": frozenset({"policy", "optimizer"}),
-    "refit": frozenset({"policy", "rollout_engine"}),      # trainer weights -> rollout engine
+    "refit": frozenset({"policy", "rollout_weights"}),     # trainer weights -> engine; its KV cache stays released
 }
 
 

@@ -19,7 +19,7 @@ import model
 from model.checkpoint import PER_EXPERT
 from model.generate import sample
 
-from .sampling import Rollout, SamplingConfig, compact_experts
+from .sampling import Rollout, SamplingConfig, compact_experts, completion_seed
 
 
 def _truncate_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tuple[list[int], str, bool]:
@@ -35,12 +35,14 @@ def _truncate_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tupl
 class NativeRollout:
     def __init__(self, model_dir: str | os.PathLike | None = None, network=None, max_batch: int = 64,
                  device: str = "cpu", capture_routing: bool = True,
-                 logprobs_mode: str = "processed_logprobs"):
+                 logprobs_mode: str = "processed_logprobs", dtype: str | None = None):
         if logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
             raise ValueError(f"logprobs_mode must be processed_logprobs or raw_logprobs, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode.split("_")[0]
         if network is None:
             network = model.from_pretrained(model_dir, device=device)
+        if dtype is not None:                                            # serve in another dtype (e.g. bfloat16)
+            network = network.to(getattr(torch, dtype))
         self.network = network.eval()
         self.max_batch = max_batch
         self.capture_routing = capture_routing
@@ -50,18 +52,23 @@ class NativeRollout:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos = network.config.eos_token_id
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
-        jobs = [(i, p) for i, p in enumerate(prompt_token_ids) for _ in range(sampling.n)]
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 prompt_indices: list[int] | None = None) -> list[Rollout]:
+        """sampling.n completions per prompt. With sampling.seed set, completion j of the prompt whose global
+        index is g (prompt_indices[i], default i) draws from its own stream completion_seed(seed, g, j), so
+        the result does not depend on batching or on how prompts were spread over engines."""
+        glob = list(range(len(prompt_token_ids))) if prompt_indices is None else list(prompt_indices)
+        jobs = [(i, p, j) for i, p in enumerate(prompt_token_ids) for j in range(sampling.n)]
         stops = [self.eos] if isinstance(self.eos, int) else list(self.eos or [])
         stops += sampling.stop_token_ids
         rollouts: list[Rollout] = []
         for b in range(0, len(jobs), self.max_batch):
             chunk = jobs[b:b + self.max_batch]
-            seed = None if sampling.seed is None else sampling.seed + b
-            samples = sample(self.network, [p for _, p in chunk], sampling.max_tokens, sampling.temperature,
+            seed = None if sampling.seed is None else [completion_seed(sampling.seed, glob[i], j) for i, _, j in chunk]
+            samples = sample(self.network, [p for _, p, _ in chunk], sampling.max_tokens, sampling.temperature,
                              sampling.top_k, sampling.top_p, stops, seed=seed, return_routing=self.capture_routing,
                              logprobs_mode=self.logprobs_mode)
-            for (i, prompt), s in zip(chunk, samples):
+            for (i, prompt, _), s in zip(chunk, samples):
                 tokens, logprobs, finish = s.token_ids, s.logprobs, s.finish_reason
                 text = ""
                 if self.tokenizer is not None:
@@ -85,7 +92,7 @@ class NativeRollout:
         params = dict(self.network.named_parameters())
         params.update(self.network.named_buffers())
         for name, array in named_arrays:
-            value = torch.from_numpy(np.asarray(array))
+            value = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
             m = PER_EXPERT.match(name)
             if m is None:
                 target = params.get(name)
@@ -115,7 +122,7 @@ class NativeRollout:
     def sleep(self) -> None:  # nothing to free on the CPU path
         pass
 
-    def wake(self) -> None:
+    def wake(self, tags: list[str] | None = None) -> None:
         pass
 
     def shutdown(self) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.refit import NamedArray, RefitStats, buckets
-from engine.sampling import Rollout, SamplingConfig
+from engine.sampling import Rollout, SamplingConfig, prompt_seed
 from engine.vllm_mode import Dtype, Precision, choose_vllm_mode, cpu_has_amx, log_mode_once
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ def _eos_token_ids(model_dir: Path) -> list[int]:
             if eos is not None:
                 return [eos] if isinstance(eos, int) else list(eos)
     return []
+
+
+def _nbytes(t) -> int:
+    return int(t.nbytes) if isinstance(t, np.ndarray) else t.numel() * t.element_size()
 
 
 def _max_positions(model_dir: Path) -> int | None:
@@ -75,6 +79,8 @@ class VLLMRollout:
         gpu_memory_utilization: float = 0.5,
         enforce_eager: bool | None = None,
         return_routed_experts: bool = False,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
         logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "processed_logprobs",
     ) -> None:
         """precision / dtype / attention_backend: see engine.vllm_mode (auto = bf16 on AMX CPUs and
@@ -133,6 +139,8 @@ class VLLMRollout:
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         self.prefix_caching = kwargs.get("enable_prefix_caching", not self.on_cpu)
+        if tensor_parallel_size > 1 or enable_expert_parallel:      # the placement gave this actor that many GPUs
+            kwargs.update(tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel)
 
         from vllm import LLM  # late: after the environment above is in place
 
@@ -152,18 +160,24 @@ class VLLMRollout:
         )
         self.startup_seconds = time.perf_counter() - t0
         self.refit_open = False
+        self._prefix_stale = False
         log.info("vLLM ready in %.1f s (%s)", self.startup_seconds, "cpu" if self.on_cpu else "cuda")
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 prompt_indices: list[int] | None = None) -> list[Rollout]:
         """sampling.n rollouts per prompt, grouped by prompt in input order.
 
-        With sampling.seed set, prompt i uses seed + i*n (vLLM gives its j-th sample seed + j),
-        so no two samples of a batch share a random stream. Vary the seed between calls.
+        With sampling.seed set, the prompt whose global index is g (prompt_indices[i], default i) uses
+        engine.sampling.prompt_seed(seed, g) and vLLM gives its j-th sample that + j (= completion_seed),
+        so results do not depend on how prompts were spread over engines. Vary the seed between calls.
         """
+        glob = list(range(len(prompt_token_ids))) if prompt_indices is None else list(prompt_indices)
         from vllm import SamplingParams
 
         self.finish_refit()
+        if getattr(self, "_prefix_stale", False) and not self.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache after a refit (requests still running?)")
         if sampling.stop and not self.has_tokenizer:
             raise ValueError(f"SamplingConfig.stop needs a tokenizer, and {self.model_dir} has none; use stop_token_ids")
         for i, p in enumerate(prompt_token_ids):
@@ -179,7 +193,7 @@ class VLLMRollout:
                 max_tokens=sampling.max_tokens,
                 stop=list(sampling.stop) or None,
                 stop_token_ids=sorted(set(sampling.stop_token_ids) | set(self.eos_token_ids)),
-                seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
+                seed=None if sampling.seed is None else prompt_seed(sampling.seed, glob[i]),
                 logprobs=0 if sampling.logprobs else None,
                 detokenize=self.has_tokenizer,
             )
@@ -232,9 +246,15 @@ class VLLMRollout:
             self.llm.collective_rpc("refit_begin")
             self.refit_open = True
         nbytes = ntensors = nbuckets = 0
-        for bucket in buckets(named, bucket_bytes):
+        named = list(named)
+        if all(isinstance(t, torch.Tensor) for _, t in named):
+            # weight_sync buckets: already in the served dtype (bf16 stays bf16), one RPC per bucket
+            groups = [named] if named else []
+        else:
+            groups = buckets(named, bucket_bytes)                  # legacy float32 numpy path
+        for bucket in groups:
             self.llm.collective_rpc("refit_load", args=(bucket,))
-            nbytes += sum(arr.nbytes for _, arr in bucket)
+            nbytes += sum(_nbytes(arr) for _, arr in bucket)
             ntensors += len(bucket)
             nbuckets += 1
         return RefitStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_tensors=ntensors, num_buckets=nbuckets)
@@ -245,8 +265,18 @@ class VLLMRollout:
             return
         self.llm.collective_rpc("refit_finish")
         self.refit_open = False
-        if self.prefix_caching:
-            self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        self._prefix_stale = True
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop cached KV blocks (computed by the old weights); True when vLLM reports it did. The rollout
+        worker calls it after a refit, once the KV cache is back (wake(["kv_cache"]))."""
+        self._prefix_stale = False
+        if not self.prefix_caching:
+            return True
+        return bool(self.llm.reset_prefix_cache())
+
+    def serve_dtype(self) -> str:
+        return str(self.mode.dtype).removeprefix("torch.")
 
     def load_weight_buckets(self, bucket_iter: Iterable[list[NamedArray]]) -> RefitStats:
         """One whole refit from already-bucketed float32 arrays: stage every bucket, then finish."""
@@ -262,17 +292,20 @@ class VLLMRollout:
 
     # ------------------------------------------------------------------ memory
     def sleep(self) -> None:
-        """Free GPU memory (weights offloaded, KV cache dropped) while the trainer runs; wake() before refit."""
+        """Free GPU memory while the trainer runs: level 1 = weights to host memory, KV cache dropped (level 2
+        would also drop buffers that are no checkpoint tensor, e.g. rotary caches, which a refit cannot restore)."""
         if self.on_cpu:
             log.info("vLLM sleep mode is unavailable on CPU; sleep() is a no-op")
             return
         self.llm.sleep(level=1)
 
-    def wake(self) -> None:
+    def wake(self, tags: list[str] | None = None) -> None:
+        """wake_up(tags): ["weights"] before a refit (the KV cache stays released, so weights + trainer fit),
+        ["kv_cache"] after it; None = both."""
         if self.on_cpu:
             log.info("vLLM sleep mode is unavailable on CPU; wake() is a no-op")
             return
-        self.llm.wake_up()
+        self.llm.wake_up(tags=list(tags) if tags is not None else None)
 
     def shutdown(self) -> None:
         """Stop the engine and release its memory and process group (so another can start)."""

@@ -66,3 +66,40 @@ def compact_experts(routed: list[np.ndarray], n_experts: int | None) -> list[np.
     """Routed-expert arrays in compact_dtype(n_experts) (they travel rollout -> driver -> trainer)."""
     dtype = compact_dtype(n_experts)
     return [np.ascontiguousarray(np.asarray(r), dtype=dtype) for r in routed]
+
+
+# -- per-completion seeds and spreading prompts over engines --------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijective scramble of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The seed of a prompt's group: a function of the call's seed (run seed, step, round) and the prompt's
+    global index in that call only, so it does not depend on which engine or batch the prompt lands in.
+    Sample j of the prompt uses prompt_seed + j (what vLLM does with one request of n > 1)."""
+    return _mix64(_mix64(seed & _MASK64) ^ prompt_index) >> 2        # < 2**62: room for + j, fits int64
+
+
+def completion_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    return prompt_seed(seed, prompt_index) + sample_index
+
+
+def spread_prompts(costs: list[float], num_engines: int) -> list[list[int]]:
+    """Prompt indices per engine: equal counts (differing by at most one), the costliest prompts spread
+    first, each to the engine with the least cost so far that still has room (longest-processing-time
+    first under a count cap). Each engine's list is in ascending prompt order."""
+    n = len(costs)
+    caps = [n // num_engines + (k < n % num_engines) for k in range(num_engines)]
+    load, parts = [0.0] * num_engines, [[] for _ in range(num_engines)]
+    for i in sorted(range(n), key=lambda i: (-costs[i], i)):
+        k = min((k for k in range(num_engines) if len(parts[k]) < caps[k]), key=lambda k: (load[k], k))
+        parts[k].append(i)
+        load[k] += costs[i]
+    return [sorted(p) for p in parts]

@@ -34,13 +34,14 @@ class RefitExtension:
         self._refit_loaded: set[str] = set()
 
     def refit_load(self, named_arrays: list[tuple[str, np.ndarray]]) -> int:
-        """Load one bucket of checkpoint-named float32 arrays; returns how many were given."""
+        """Load one bucket of checkpoint-named arrays or tensors (any dtype: the loaders cast); returns how many."""
         if not hasattr(self, "_refit_loaded"):
             raise RuntimeError("refit_load called before refit_begin")
         with warnings.catch_warnings():
             # Arrays from Ray's object store are read-only; the loaders only read them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            weights = [(name, torch.from_numpy(arr)) for name, arr in named_arrays]
+            weights = [(name, arr if isinstance(arr, torch.Tensor) else torch.from_numpy(arr))
+                       for name, arr in named_arrays]
         loaded = self.model_runner.get_model().load_weights(iter(weights))
         self._refit_loaded |= set(loaded or ())
         return len(weights)

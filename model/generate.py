@@ -36,8 +36,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 @torch.no_grad()
 def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, stop_token_ids: list[int] | tuple = (), seed: int | None = None,
+           top_p: float = 1.0, stop_token_ids: list[int] | tuple = (), seed: int | list[int] | None = None,
            return_routing: bool = False, logprobs_mode: str = "processed") -> list[Sample]:
+    """seed: one int for the batch, or one seed per row (row i's draws then depend on nothing else in the batch)."""
     if logprobs_mode not in ("processed", "raw"):
         raise ValueError(f"logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
     device = next(network.parameters()).device
@@ -50,8 +51,11 @@ def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: 
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         key_mask[i, P - len(p):P] = 1
     positions = (key_mask[:, :P].cumsum(-1) - 1).clamp(min=0)
+    row_gens = None
+    if isinstance(seed, (list, tuple)):                 # one random stream per row
+        row_gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+    gen.manual_seed(seed if isinstance(seed, int) else torch.seed() % (2**63))
     stop = torch.tensor(sorted(set(stop_token_ids)) or [-1], device=device)
 
     was_training = network.training
@@ -72,7 +76,11 @@ def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: 
         else:
             filtered = filter_logits(logits, temperature, top_k, top_p)
             logp = (filtered if logprobs_mode == "processed" else logits).log_softmax(-1)
-            tok = torch.multinomial(filtered.softmax(-1), 1, generator=gen)[:, 0]
+            probs = filtered.softmax(-1)
+            if row_gens is None:
+                tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            else:
+                tok = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(row_gens)])
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out_tokens[:, t] = tok
         out_logp[:, t] = logp.gather(1, tok[:, None])[:, 0]

@@ -214,7 +214,7 @@ def test_refit_names_are_the_checkpoint_names(tmp_path):
 # -- offloading ------------------------------------------------------------------------------------
 def test_scheduler_residency_per_phase_is_exactly_what_was_declared():
     calls: list[str] = []
-    sizes = {"policy": 100, "optimizer": 200, "ref": 100, "rollout_engine": 300}
+    sizes = {"policy": 100, "optimizer": 200, "ref": 100, "rollout_weights": 300, "rollout_kv": 50}
     for mode in ("accounting", "real"):
         calls.clear()
         s = OffloadScheduler(mode=mode)
@@ -228,10 +228,10 @@ def test_scheduler_residency_per_phase_is_exactly_what_was_declared():
             assert calls == []                                  # CPU: plan + log only
         else:                                                   # in each phase offloads come before reloads
             assert calls == ["off:optimizer", "off:policy", "off:ref",           # rollout
-                             "off:rollout_engine", "on:ref",                     # reference
+                             "off:rollout_kv", "off:rollout_weights", "on:ref",  # reference
                              "off:ref", "on:optimizer", "on:policy",             # train
-                             "off:optimizer", "on:rollout_engine",               # refit
-                             "off:policy", "off:rollout_engine",                 # reward (nothing declared)
+                             "off:optimizer", "on:rollout_weights",              # refit: weights, not the KV cache
+                             "off:policy", "off:rollout_weights",                # reward (nothing declared)
                              "on:policy",                                        # policy
                              "on:optimizer"]                                     # train
     s.declare("reward", ["helpful_rm"])

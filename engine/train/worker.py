@@ -372,6 +372,38 @@ class TrainWorker:
             for _ in self._full_named_tensors(payload):
                 pass
 
+    def sync_send(self, transport: str, bucket_bytes: int, dtype: str | None = None, with_checksum: bool = False,
+                  nccl: dict[str, Any] | None = None, payload: str = "full") -> Iterator[Any]:
+        """Weight sync, sending side (engine/weight_sync): packed buckets in `dtype` (None = as trained), as
+        meta then numpy bytes per bucket for the object store, meta then a CUDA IPC handle for cuda_ipc, meta only for nccl
+        (the bytes follow by broadcast; nccl = NcclGroup kwargs). A Ray streaming generator."""
+        from .. import weight_sync as ws
+        from ..weight_sync import cuda_ipc, object_store
+        from ..weight_sync.nccl import NcclGroup
+
+        self._require("policy")
+        torch_dtype = None if dtype is None else ws.base.DTYPES[dtype]
+        with torch.no_grad():
+            named = self._full_named_tensors(payload)
+            if transport == "object_store":
+                yield from object_store.send(named, bucket_bytes, torch_dtype, with_checksum)
+            elif transport == "cuda_ipc":
+                self._ipc = cuda_ipc.IpcSender()
+                yield from self._ipc.send(named, bucket_bytes, torch_dtype, with_checksum, self.device)
+            elif transport == "nccl":
+                if getattr(self, "_nccl", None) is None:
+                    self._nccl = NcclGroup(**nccl, rank=0, device=self.device)
+                yield from self._nccl.send(named, bucket_bytes, torch_dtype, with_checksum)
+            else:
+                raise ValueError(f"unknown weight-sync transport {transport!r}")
+
+    def sync_release(self) -> None:
+        """After the driver saw every bucket loaded: free the CUDA IPC buffers kept alive for the engine."""
+        ipc = getattr(self, "_ipc", None)
+        if ipc is not None:
+            ipc.release()
+            self._ipc = None
+
     def held_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, optimizer state (local shards) and the gradients of the last step."""
         return {**sharding.held_bytes(self.unwrapped, self.raw_optimizer), "grads": getattr(self, "_grad_bytes", 0)}

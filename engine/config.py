@@ -176,8 +176,8 @@ class TrainConfig(BaseModel):
             raise ValueError("train.sharding=fsdp2 supports mixed_precision bf16, no or auto, not fp16")
         if self.world_size % self.ep_size:
             raise ValueError(f"train.ep_size={self.ep_size} does not divide train.world_size={self.world_size}")
-        if self.ep_size > 1 and self.sharding != "fsdp2":
-            raise ValueError("train.ep_size > 1 needs train.sharding=fsdp2")
+        if self.ep_size > 1 and (self.sharding != "fsdp2" or self.replicas > 1):
+            raise ValueError("train.ep_size > 1 needs train.sharding=fsdp2 without train.replicas (HSDP)")
         return self
 
 

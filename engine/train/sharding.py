@@ -41,9 +41,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, compute: str = "no", cpu_offload: bool = False,
-          reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard every MoE router (fp32), every decoder layer and the root, in place; returns the model."""
-    from model.moe import Router
+          reshard_after_forward: bool = True, expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """fully_shard every MoE router (fp32), every decoder layer and the root, in place; returns the model.
+    expert_mesh: expert parallelism (expert_parallel.py): the routed experts are sharded over it first."""
+    from model.moe import RoutedExperts, Router
 
     dtype = DTYPES[compute]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -53,6 +54,11 @@ def shard(model: nn.Module, mesh: DeviceMesh, compute: str = "no", cpu_offload: 
         for module in model.modules():
             if isinstance(module, Router):
                 fully_shard(module, mesh=mesh, mp_policy=fp32, offload_policy=offload,
+                            reshard_after_forward=reshard_after_forward)
+    if expert_mesh is not None:
+        for module in model.modules():
+            if isinstance(module, RoutedExperts):
+                fully_shard(module, mesh=expert_mesh, mp_policy=mp, offload_policy=offload,
                             reshard_after_forward=reshard_after_forward)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)

@@ -41,7 +41,7 @@ from ..config import OptimConfig, TrainConfig
 from ..logprobs import entropy as token_entropy
 from ..logprobs import token_logprobs
 from ..offload import Mode, Offloader, OffloadedError
-from . import checkpoint, lora, sharding
+from . import checkpoint, expert_parallel, lora, sharding
 from .batching import MODEL_INPUTS, Forward, LossFn, loss_mask_of, micro_batches, num_rows, padding_batch, to_tensors
 from .packing import sequences_in, to_rows, token_budget_micro_batches
 from .numerics import accelerator_for, enable_gradient_checkpointing, resolve_precision, scores_in_forward
@@ -139,10 +139,15 @@ class TrainWorker:
                     dist.broadcast(x.data, src=0)
         if self.sharded:
             t = self.train_cfg
-            mesh = sharding.device_mesh(self.world_size, t.replicas, self.device.type)
-            sharding.shard(self.model, mesh, self.precision, t.cpu_offload)
+            mesh, expert_mesh = sharding.device_mesh(self.world_size, t.replicas, self.device.type), None
+            if t.ep_size > 1:                               # experts split over EP groups (expert_parallel.py)
+                meshes = expert_parallel.mesh(self.world_size, t.ep_size, self.device.type)
+                mesh, expert_mesh = meshes.world, meshes.edp
+                for m in [self.unwrapped] + ([self.ref] if self.ref is not None else []):
+                    expert_parallel.distribute_experts(m, meshes)
+            sharding.shard(self.model, mesh, self.precision, t.cpu_offload, expert_mesh=expert_mesh)
             if self.ref is not None:
-                sharding.shard(self.ref, mesh, self.precision, t.cpu_offload)
+                sharding.shard(self.ref, mesh, self.precision, t.cpu_offload, expert_mesh=expert_mesh)
             self._build_optimizer()
 
     def ready(self) -> dict[str, Any]:
@@ -276,6 +281,8 @@ class TrainWorker:
         max_norm = self.optim_cfg.max_grad_norm or float("inf")
         if not self.sharded:
             return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        if self.train_cfg.ep_size > 1:                      # expert and other shards live on different meshes
+            return expert_parallel.clip_grad_norm_(params, max_norm)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(sharding.full_tensor(norm))
 

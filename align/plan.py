@@ -12,7 +12,13 @@ cpu_offload moves the shards to host memory. Offloading between phases follows t
 sharding=none and real offloading (GPUs) only a phase's own items stay; under fsdp2 the trainer's
 shards stay and vLLM sleeps outside the rollout phase. Activations are an estimate (saved tensors per
 token per layer; one layer's input only with gradient checkpointing) plus one log-prob chunk.
-Not yet counted: reward models hosted on the GPU, expert parallelism and packing.
+
+Expert parallelism (train.ep_size, engine/train/expert_parallel.py): every shard still lives on one rank,
+so the per-rank shards stay 1/world_size; what changes is the gathered layer: a rank unshards the
+layer's other weights but only its E/ep_size routed experts (without EP it gathers all E), plus the
+all-to-all send and receive buffers of the routed rows. Packing (train.micro_batch_tokens): a
+micro-batch holds at most that many tokens (padding-free); without it, micro_batch_size rows padded to
+prompt + max_tokens. Not yet counted: reward models hosted on the GPU, expert load imbalance.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class Shape:
     total: int
     largest_layer: int
     config: object
+    layer_experts: int = 0             # routed-expert parameters of one MoE layer (all E experts)
 
     @classmethod
     def of(cls, init_from: str) -> Shape:
@@ -49,7 +56,8 @@ class Shape:
         with torch.device("meta"):
             net = DeepseekV2LM(config)
         layers = [sum(p.numel() for p in layer.parameters()) for layer in net.model.layers]
-        return cls(sum(p.numel() for p in net.parameters()), max(layers), config)
+        experts = [sum(p.numel() for p in layer.mlp.experts.parameters()) for layer in net.model.layers if layer.is_moe]
+        return cls(sum(p.numel() for p in net.parameters()), max(layers), config, max(experts, default=0))
 
 
 @dataclass
@@ -77,6 +85,9 @@ class Plan:
     host_per_rank: float
     phases: list[Phase] = field(default_factory=list)
     adapter_params: int = 0                # LoRA: what trains (grads, AdamW); the base is the reference
+    ep_size: int = 1
+    gathered: float = 0.0                  # bytes of the unsharded layer(s) while computing (fsdp2)
+    micro_batch_tokens: int = 0            # tokens per training micro-batch (packed or padded rows)
     reference_saved: float = 0.0           # LoRA: bytes per rank of the reference copy it does not load
 
     def fits(self, phase: Phase) -> bool:
@@ -118,15 +129,24 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float = 80.0, prompt
     wants_ref = cfg.beta > 0 or t.reference
     rank = {"params": 4 * (P + A) / S, "grads": 4 * trained / S, "optimizer": 8 * trained / S,
             "reference": 4 * P / S if wants_ref and lora is None else 0.0}
-    gathered = 2 * compute * shape.largest_layer if sharded and S > 1 else 0.0
+    ep = t.ep_size
+    E = getattr(shape.config, "n_routed_experts", None) or 0
+    if ep > 1 and (not E or E % ep):
+        raise ValueError(f"train.ep_size={ep} does not divide the {E} routed experts of {cfg.init_from}")
+    local_layer = shape.largest_layer - shape.layer_experts * (1 - 1 / ep)    # EP: only E/ep experts unshard
+    gathered = 2 * compute * local_layer if sharded and S > 1 else 0.0
     on_gpu = {k: (0.0 if t.cpu_offload else v) for k, v in rank.items()}
     host = sum(rank.values()) if t.cpu_offload else 0.0
 
     rows = cfg.prompts_per_step * cfg.group_size
     T = prompt_tokens + cfg.sampling.max_tokens
     mbs = o.micro_batch_size or math.ceil(rows / world / (o.grad_accum or 1))
-    act = activation_bytes(shape.config, mbs * T, compute, t.gradient_checkpointing, t.logprob_chunk_tokens)
-    no_grad_act = activation_bytes(shape.config, mbs * T, compute, True, t.logprob_chunk_tokens) / shape.config.num_hidden_layers
+    tokens = t.micro_batch_tokens or mbs * T
+    act = activation_bytes(shape.config, tokens, compute, t.gradient_checkpointing, t.logprob_chunk_tokens)
+    no_grad_act = activation_bytes(shape.config, tokens, compute, True, t.logprob_chunk_tokens) / shape.config.num_hidden_layers
+    if ep > 1:                         # all-to-all: the routed rows sent and received (one layer at a time)
+        dispatch = 2 * tokens * (shape.config.num_experts_per_tok or 0) * shape.config.hidden_size * compute
+        act, no_grad_act = act + dispatch, no_grad_act + dispatch
 
     vllm = e.rollout.backend in ("vllm", "auto")
     tp = int(e.rollout.kwargs.get("tensor_parallel_size", 1))
@@ -153,7 +173,8 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float = 80.0, prompt
               vllm_weights=0 if asleep else rollout_w, kv_cache=0 if asleep else rollout_kv),
     ]
     return Plan(cfg.init_from, P, world, gpu_memory_gib * GiB, rank, host, phases, A,
-                4 * P / S if wants_ref and lora is not None else 0.0)
+                reference_saved=4 * P / S if wants_ref and lora is not None else 0.0, ep_size=ep, gathered=gathered,
+                micro_batch_tokens=tokens)
 
 
 def format_plan(plan: Plan) -> str:
@@ -166,6 +187,8 @@ def format_plan(plan: Plan) -> str:
              f"per training rank (GiB): params {r['params'] / GiB:.1f}, grads {r['grads'] / GiB:.1f}, optimizer "
              f"{r['optimizer'] / GiB:.1f}, reference {r['reference'] / GiB:.1f}; host (cpu_offload) "
              f"{plan.host_per_rank / GiB:.1f}",
+             f"micro-batch: {plan.micro_batch_tokens} tokens; expert parallelism: ep_size {plan.ep_size}; "
+             f"gathered layer while computing {plan.gathered / GiB:.2f} GiB",
              *([f"LoRA: {plan.adapter_params / 1e6:.1f}M adapter parameters train; reference = the base with "
                 f"adapters off, {plan.reference_saved / GiB:.1f} GiB per rank not loaded"] if plan.adapter_params else []),
              f"{'phase (GiB/GPU)':<16}{'weights':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'vllm_w':>8}{'kv':>8}"

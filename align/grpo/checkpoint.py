@@ -23,11 +23,16 @@ def write_json_atomic(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, default=float))
 
 
-def save_state(engine, root: Path, step: int, stream, rewards, keep_last: int, extra: dict) -> Path:
-    """A full, resumable checkpoint (engine state, prompt stream, reward statistics): complete or absent."""
+def save_state(engine, root: Path, step: int, stream, rewards, keep_last: int, extra: dict,
+               inflight=None) -> Path:
+    """A full, resumable checkpoint (engine state, prompt stream, reward statistics and, in async GRPO, the
+    batch already sampled for the next step): complete or absent."""
+    from align.grpo.async_rollout import save_inflight
+
     final = root / f"step-{step}"
     tmp = staging_dir(final, "save")   # a fixed name: every training rank writes its shards into it
     engine.save(tmp / "engine")
+    save_inflight(tmp, inflight)
     write_json_atomic(tmp / "trainer_state.json", {"step": step, "stream": stream.state_dict(),
                                                    "rewards": rewards.state_dict(), **extra})
     commit_dir(tmp, final)

@@ -22,6 +22,16 @@ class HeldOutConfig(BaseModel):
     every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at start and end")
 
 
+class AsyncRolloutConfig(BaseModel):
+    """One-step off-policy GRPO (align/grpo/async_rollout.py): the next batch is generated while the trainer
+    trains on this one (split placement), so it is sampled by weights one version behind."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    max_staleness: int = Field(1, ge=1, description="a batch sampled more than this many versions before the "
+                                                    "weights it would train is never trained on")
+
+
 class GRPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +73,7 @@ class GRPOConfig(BaseModel):
                           "off is the reference (no copy loaded); refit sends adapters or merged layers; the "
                           "export is a merged HF checkpoint with the adapter in model/adapter (engine.train.lora)")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    async_rollout: AsyncRolloutConfig = Field(default_factory=AsyncRolloutConfig)
     held_out: HeldOutConfig | None = None
     save_every: int = Field(0, ge=0, description="full checkpoint every N steps (0 = only at the end)")
     keep_last: int = Field(2, ge=1)
@@ -80,6 +91,9 @@ class GRPOConfig(BaseModel):
             if self.engine.train.lora is not None and self.engine.train.lora != self.lora:
                 raise ValueError("grpo.lora and grpo.engine.train.lora differ: set grpo.lora only")
             self.engine.train.lora = self.lora
+        if self.async_rollout.enabled and self.engine.cluster.placement != "split":
+            raise ValueError("grpo.async_rollout needs grpo.engine.cluster.placement=split (colocated rollout and "
+                             "training share a device and take turns, so there is nothing to overlap)")
         if self.is_correction != "none" and not self.sampling.logprobs:
             raise ValueError(f"is_correction={self.is_correction} needs the rollout's log-probs (sampling.logprobs)")
         return self

@@ -17,15 +17,17 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from align.grpo.batch import build_batch, expert_load_imbalance, without_replay
+from align.grpo.async_rollout import async_step, load_inflight
 from align.grpo.checkpoint import latest_checkpoint, load_state, save_state
 from align.grpo.config import GRPOConfig
-from align.grpo.dynamic_sampling import sample_groups
+from align.grpo.dynamic_sampling import Groups, sample_groups
 from align.grpo.loss import GRPOLoss
 from align.grpo.metrics import MetricsLog, SamplesLog
 from align.grpo.objective import group_advantages
@@ -77,10 +79,14 @@ def epoch_metrics(per_epoch: list[dict]) -> dict:
 
 
 def grpo_step(engine, tokenizer, cfg: GRPOConfig, stream: PromptStream, rewards: RewardSet,
-              samples: SamplesLog | None = None, step: int = 0) -> dict:
-    """One full GRPO iteration; returns its metrics."""
+              samples: SamplesLog | None = None, step: int = 0, groups: Groups | None = None,
+              before_refit: Callable[[], None] | None = None) -> dict:
+    """One full GRPO iteration; returns its metrics. Async (align/grpo/async_rollout.py): `groups` is the
+    batch sampled during the previous step, and before_refit() waits for the next batch's generation,
+    which must finish on the old weights, before the refit (stream and rewards are then not touched here)."""
     t0 = time.perf_counter()
-    groups = sample_groups(engine, tokenizer, cfg, stream, rewards, cfg.sampling.seed)
+    if groups is None:
+        groups = sample_groups(engine, tokenizer, cfg, stream, rewards, cfg.sampling.seed)
     t_reward = time.perf_counter()
     G, rollouts = cfg.group_size, groups.rollouts
     total = torch.tensor(groups.totals, dtype=torch.float32)
@@ -96,9 +102,11 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, stream: PromptStream, rewards:
     if samples is not None:
         prompts, completions, _ = reward_inputs(groups.rows, rollouts)
         samples.write(step, prompts, completions, groups.totals, groups.raw, G)
-    t_train, refit_s = t_reward, 0.0
+    t_train, refit_s, t_wait = t_reward, 0.0, 0.0
     if not groups.kept:
         log.warning("step %d: every group's rewards tie (%d rounds): no update", step, groups.rounds)
+        if before_refit is not None:
+            before_refit()
     else:
         kept = groups.kept_rollouts(G)
         adv = group_advantages(torch.tensor(groups.kept_totals(G)), G, cfg.advantage_scale)
@@ -118,14 +126,20 @@ def grpo_step(engine, tokenizer, cfg: GRPOConfig, stream: PromptStream, rewards:
         per_epoch = [engine.train_step(batch, loss_fn) for _ in range(cfg.mu)]
         metrics.update(epoch_metrics(per_epoch))
         t_train = time.perf_counter()
+        if before_refit is not None:                         # async: the next batch is sampled by these weights
+            before_refit()
+        t_wait = time.perf_counter() - t_train
         stats = engine.sync_weights()
         refit_s = float(getattr(stats, "seconds", 0.0))
         metrics["refit/mb_per_s"] = float(getattr(stats, "mb_per_s", 0.0))
         metrics["refit/bytes"] = float(getattr(stats, "bytes", 0))       # LoRA: adapters or changed layers only
     t_end = time.perf_counter()
+    busy_train = t_train - t_reward + refit_s
     metrics.update({"time/rollout": groups.seconds["rollout"], "time/reward": groups.seconds["reward"],
-                    "time/train": t_train - t_reward,
+                    "time/train": t_train - t_reward, "time/wait_rollout": t_wait,
                     "time/refit": refit_s, "time/step": t_end - t0,
+                    "time/train_idle_share": max(0.0, 1 - busy_train / max(t_end - t0, 1e-9)),
+                    "time/rollout_idle_share": max(0.0, 1 - groups.seconds["rollout"] / max(t_end - t0, 1e-9)),
                     "tokens/generated": float(sum(len(r.token_ids) for r in rollouts))})
     return metrics
 
@@ -163,6 +177,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
         if last is not None:
             state = load_state(engine, last, stream, rewards)
             start_step = state["step"]
+        inflight = load_inflight(last) if last is not None and cfg.async_rollout.enabled else None
         log_ = MetricsLog(output_dir, start_step, cfg.wandb_project, cfg.model_dump(mode="json"))
         samples = SamplesLog(output_dir, start_step, cfg.log_samples)
         acc_start = state.get("held_out_start")
@@ -172,10 +187,16 @@ def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, transient=False) as progress:
             task = progress.add_task("grpo", total=cfg.steps, completed=start_step, info="")
-            for step in range(start_step, cfg.steps):
-                step_cfg = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(
+            def step_cfg_of(step: int) -> GRPOConfig:
+                return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(
                     update={"seed": cfg.seed * 100_003 + step})})
-                metrics = grpo_step(engine, tokenizer, step_cfg, stream, rewards, samples, step + 1)
+
+            for step in range(start_step, cfg.steps):
+                if cfg.async_rollout.enabled:                 # one-step off-policy (async_rollout.py)
+                    metrics, inflight = async_step(engine, tokenizer, cfg, step_cfg_of, stream, rewards, samples,
+                                                   step, inflight, grpo_step)
+                else:
+                    metrics = grpo_step(engine, tokenizer, step_cfg_of(step), stream, rewards, samples, step + 1)
                 metrics["step"] = step + 1
                 if cfg.held_out and cfg.held_out.every and (step + 1) % cfg.held_out.every == 0:
                     metrics["held_out/accuracy"] = held_out_accuracy(engine, tokenizer, held_rows, held_scorer, cfg)
@@ -183,7 +204,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: Path, resume: bool = False) -> dict:
                 progress.update(task, advance=1, info=f"reward {metrics['reward/total_mean']:.3f}")
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                     save_state(engine, ckpt_root, step + 1, stream, rewards, cfg.keep_last,
-                               {"held_out_start": acc_start})
+                               {"held_out_start": acc_start}, inflight)
         acc_end = held_out_accuracy(engine, tokenizer, held_rows, held_scorer, cfg) if held_rows else None
         save_state(engine, ckpt_root, cfg.steps, stream, rewards, cfg.keep_last, {"held_out_start": acc_start})
 

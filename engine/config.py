@@ -151,6 +151,8 @@ class TrainConfig(BaseModel):
     logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
     logprob_micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward in compute_logprobs (no gradients); None = the optimiser's")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters only; with reference, the reference "
+                                                      "is the base (adapters off), no copy is loaded")
     micro_batch_tokens: int | None = Field(
         None, ge=1, description="token-budget micro-batches: each rank's rows packed padding-free, at most this many "
                                 "tokens per forward/backward (engine/train/packing.py); instead of "
@@ -178,6 +180,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"train.ep_size={self.ep_size} does not divide train.world_size={self.world_size}")
         if self.ep_size > 1 and (self.sharding != "fsdp2" or self.replicas > 1):
             raise ValueError("train.ep_size > 1 needs train.sharding=fsdp2 without train.replicas (HSDP)")
+        if self.ep_size > 1 and self.lora is not None and self.lora.target_experts:
+            raise ValueError("train.lora.target_experts with train.ep_size > 1: adapters on expert-parallel routed "
+                             "experts are not supported yet; set lora.target_experts: [] (attention only)")
         return self
 
 

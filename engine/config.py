@@ -151,8 +151,6 @@ class TrainConfig(BaseModel):
     logprob_chunk_tokens: int = Field(4096, ge=1, description="tokens per log-softmax chunk (memory cap)")
     logprob_micro_batch_size: int | None = Field(
         None, ge=1, description="rows per forward in compute_logprobs (no gradients); None = the optimiser's")
-    lora: LoraConfig | None = Field(None, description="train LoRA adapters only; with reference, the reference "
-                                                      "is the base (adapters off), no copy is loaded")
     micro_batch_tokens: int | None = Field(
         None, ge=1, description="token-budget micro-batches: each rank's rows packed padding-free, at most this many "
                                 "tokens per forward/backward (engine/train/packing.py); instead of "

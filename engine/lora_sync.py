@@ -4,8 +4,10 @@ Payloads (engine/train/lora.py builds them on the trainer):
 - adapter: per adapted tensor `<name>.lora_lhs` L and `<name>.lora_rhs` R (in-memory names, scaling folded
   in), the rollout sets W = W_base + L @ R. r·(in + out) numbers per matrix instead of in·out.
   The native backend applies them (NativeRollout.load_adapter -> AdapterApplier).
-- merged: only the adapted tensors, W + ΔW under checkpoint names, loaded by any backend's load_weights
-  (the other weights never change under LoRA, and the rollout engine starts from the same base).
+- merged: the blocks that hold adapted tensors (a layer's self_attn, its routed experts), W + ΔW under
+  checkpoint names, loaded by any backend's load_weights. The other weights never change under LoRA and
+  the rollout engine starts from the same base; whole blocks because vLLM fuses inside them (see
+  engine/train/lora.py changed_blocks) and rebuilds MLA's absorbed W_UK_T / W_UV from kv_b_proj on refit.
 - full: every tensor, merged (what a full fine-tuning refit sends).
 
 vLLM (0.32, checked in its installed source) is sent `merged`, because its LoRA cannot carry our adapters

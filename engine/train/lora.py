@@ -120,18 +120,29 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def changed_blocks(names) -> tuple[str, ...]:
+    """The blocks an adapted tensor belongs to, as name prefixes: the module's parent for a linear
+    (`layers.i.self_attn.`, `layers.i.mlp.`), the experts module for a 3-D expert tensor."""
+    return tuple(sorted({n.rsplit(".", 2)[0] + "." if n.endswith(".weight") else n.rsplit(".", 1)[0] + "."
+                         for n in names}))
+
+
 def merged_state(model: nn.Module, gather: Gather = _identity, only_changed: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(network name, full tensor) of the model as if merged: W + ΔW on adapted tensors, the rest as is;
-    only_changed = the adapted tensors alone. Gathers in state-dict order (the same on every rank)."""
+    """(network name, full tensor) of the model as if merged: W + ΔW on adapted tensors, the rest as is.
+    only_changed = every tensor of the blocks holding an adapted tensor (changed_blocks): whole blocks,
+    because vLLM fuses within them (q_a_proj + kv_a_proj_with_mqa, gate + up, all experts in one FusedMoE)
+    and its layerwise reload leaves a partly loaded fused layer half-empty. Gathers in state-dict order
+    (the same on every rank)."""
     state = model.state_dict()
     tgt = targets(model)
+    blocks = changed_blocks(tgt)
     lora_keys = {k for a, b, *_ in tgt.values() for k in (a, b)}
     for key, x in state.items():
         if key in lora_keys:
             continue
         name = clean_name(key)
-        if only_changed and name not in tgt:
+        if only_changed and not name.startswith(blocks):
             continue
         x = gather(x).detach()
         if name in tgt:
@@ -209,7 +220,7 @@ def count_for(config, cfg: LoraConfig) -> int:
 
 
 def refit_payload(model: nn.Module, kind: str, gather: Gather = _identity) -> Iterator[tuple[str, torch.Tensor]]:
-    """What a refit sends: full = every tensor, merged; merged = the adapted tensors only, merged
+    """What a refit sends: full = every tensor, merged; merged = the blocks holding adapted tensors, merged
     (checkpoint names, any backend's load_weights); adapter = the factors (a backend's load_adapter)."""
     if kind == "adapter":
         return adapter_factors(model, gather)

@@ -1,7 +1,8 @@
 """Expert parallelism (train.ep_size=2, fsdp2) on 2 gloo ranks against the 1-rank oracle (no sharding, whole
 batch, all experts local): logits, balance-loss values, the loss, every gradient and the weights after 2 AdamW
 steps equal (fp32, 1e-5), with routing replay, the three balance losses and per-sequence token dropping on,
-with row micro-batches (one rank runs a padding micro-batch) and with token-budget packing; the DCP checkpoint
+with row micro-batches (one rank runs a padding micro-batch), with token-budget packing and with gradient
+checkpointing (the backward recomputes the all-to-alls); the DCP checkpoint
 resumes at 1 rank and the HF export has the per-expert names. One torch.multiprocessing spawn; no Ray."""
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from tests.fsdp_fixture import TINY, kl_loss, one_thread, spawn
 MOE = dict(TINY, expert_balance_alpha=0.01, device_balance_alpha=0.02, comm_balance_alpha=0.03, balance_devices=2)
 STEPS = 2
 CASES = {"rows": dict(optim=dict(micro_batch_size=2), train=dict()),
-         "packed": dict(optim=dict(), train=dict(micro_batch_tokens=30))}
+         "packed": dict(optim=dict(), train=dict(micro_batch_tokens=30)),
+         "ckpt": dict(optim=dict(micro_batch_size=2), train=dict(gradient_checkpointing=True))}   # recomputed all-to-alls
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 

@@ -5,7 +5,10 @@ Adds what transformers' DeepseekV2 lacks, with the same parameter names:
 - the three balance losses of §2.2.3 (expert, device, communication level);
 - capacity-based token dropping (§2.2.4), training only; capacity per batch or per sequence;
 - routing capture and replay (the experts chosen at rollout can be forced in training);
-- per-layer load statistics and the V3 auxiliary-loss-free bias update.
+- per-layer load statistics and the V3 auxiliary-loss-free bias update;
+- routed experts as grouped GEMM (torch._grouped_mm, no host sync) where device and dtype allow, else a loop;
+  a `dispatch` hook lets expert parallelism (engine/train/expert_parallel.py) run them on other ranks;
+- packed rows (segments from the position ids): per-sequence terms follow the packed sequences.
 """
 from __future__ import annotations
 

@@ -220,3 +220,21 @@ def test_kill_and_resume_with_lora_matches_uninterrupted(tmp_path):
     assert all(0 < r["refit/bytes"] < policy_bytes / 4 for r in rows)          # adapter-only refit (native)
     assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_align_plan_shows_the_reference_saving():
+    from align.plan import format_plan, make_plan
+    from align.recipe import load_recipe
+    from tests.test_recipes import REPO
+
+    full = load_recipe(REPO / "recipes" / "v2_lite_8gpu.yaml", ["grpo.init_from=v2-lite"]).grpo
+    with_lora = GRPOConfig.model_validate({**full.model_dump(), "lora": {"r": 8, "alpha": 16}})
+    a, b = make_plan(full), make_plan(with_lora)
+    A = lora.count_for(model.make_config("v2-lite"), with_lora.lora)
+    assert 0 < A < a.params / 100
+    assert a.rank["reference"] == pytest.approx(a.params * 4 / 8) and b.rank["reference"] == 0   # 8 fsdp2 ranks
+    assert b.reference_saved == pytest.approx(a.rank["reference"])
+    assert b.rank["grads"] == pytest.approx(4 * A / 8) and b.rank["optimizer"] == pytest.approx(8 * A / 8)
+    saved = a.rank["reference"] + 12 * (a.params - A) / 8                 # the recipe offloads all of it to host
+    assert a.host_per_rank - b.host_per_rank == pytest.approx(saved - 4 * A / 8)
+    assert "reference = the base with adapters off" in format_plan(b)

@@ -297,7 +297,8 @@ class HybridEngine:
             raise ValueError(f"compute_logprobs: which must be 'policy' or 'ref', got {which!r}")
         if which == "ref" and not self.has_ref:
             raise ValueError("compute_logprobs(which='ref') but the engine has no reference model (train.reference)")
-        self.enter_phase("policy" if which == "policy" else "reference")
+        base_as_ref = which == "ref" and self.train_cfg.lora is not None    # LoRA: the policy, adapters off
+        self.enter_phase("policy" if which == "policy" or base_as_ref else "reference")
         parts = self._get([w.compute_logprobs.remote(s, which, mode) for w, s in zip(self.workers, self._shards(batch))],
                           f"compute_logprobs({which})")
         return np.concatenate(parts)

@@ -238,3 +238,20 @@ def test_align_plan_shows_the_reference_saving():
     saved = a.rank["reference"] + 12 * (a.params - A) / 8                 # the recipe offloads all of it to host
     assert a.host_per_rank - b.host_per_rank == pytest.approx(saved - 4 * A / 8)
     assert "reference = the base with adapters off" in format_plan(b)
+
+
+def test_gradient_checkpointing_with_adapters_gives_the_same_update():
+    from tests.fsdp_fixture import kl_loss, tiny_net
+
+    out = []
+    for ckpt in (False, True):
+        w = TrainWorker(tiny_net, tiny_net, OptimConfig(lr=0.05, eps=1.0),
+                        TrainConfig(lora=LoraConfig(r=2, alpha=4), reference=True, gradient_checkpointing=ckpt))
+        for s in range(2):
+            b = batch(s)
+            b["ref_logp"] = w.compute_logprobs(b, "ref")
+            w.train_step(b, kl_loss)
+        out.append(dict(lora.adapter_state(w.unwrapped)))
+    assert out[0].keys() == out[1].keys() and len(out[0]) > 0
+    for k in out[0]:
+        torch.testing.assert_close(out[1][k], out[0][k], atol=1e-6, rtol=0)

@@ -53,12 +53,6 @@ def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return model
 
 
-def is_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(m, LoraLayer) for m in model.modules())
-
-
 def clean_name(name: str) -> str:
     """peft's wrapped name -> the network's own name (`.base_layer` segments dropped)."""
     return _BASE.sub("", name)

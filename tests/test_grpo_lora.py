@@ -207,9 +207,9 @@ def lora_recipe(tmp, steps: int):
 def test_kill_and_resume_with_lora_matches_uninterrupted(tmp_path):
     steps = 3
     path = lora_recipe(tmp_path, steps)
-    full = align("grpo", str(path), "-o", str(tmp_path / "full"))     # runs alongside the killed one
-    kill_after_checkpoint_then_resume(path, tmp_path / "killed", step=2)
+    full = align("grpo", str(path), "-o", str(tmp_path / "full"))
     assert full.wait(timeout=600) == 0, full.stderr.read().decode()[-2000:]
+    kill_after_checkpoint_then_resume(path, tmp_path / "killed", step=2)
     assert_same_metrics(tmp_path / "full", tmp_path / "killed", steps)
 
     run = tmp_path / "full"

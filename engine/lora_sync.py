@@ -17,9 +17,11 @@ for DeepSeek-V2:
 - kv_b_proj is a LinearBase too, but MLA absorbs its weight into W_UK_T / W_UV at load time
   (MLAAttention.process_weights_after_loading) and decodes with those, calling kv_b_proj itself only
   for prefill context: an adapter there would change prefill and not decode, so it is not covered;
-- routed experts: FusedMoEWithLoRA wraps the fused MoE (gate/up/down, packed `experts` targets), but only
-  with the GPU punica kernels (punica_cpu has no fused-MoE LoRA ops) and, under vLLM's own expert
-  parallelism, only with the allgather_reducescatter all-to-all;
+- routed experts: FusedMoEWithLoRA wraps the fused MoE (gate/up/down; it reads peft's target_parameters
+  layout, `experts.base_layer` = gate_up_proj and `experts` = down_proj; DeepseekV2 declares
+  is_3d_moe_weight=False, so they go the per-expert w1/w3/w2 way), but only with the GPU punica kernels
+  (punica_cpu has no fused-MoE LoRA ops) and, under vLLM's own expert parallelism, only with the
+  allgather_reducescatter all-to-all;
 - adapters reach vLLM as LoRARequests read from disk per request, not as in-memory refit buckets.
 So sync=adapter is refused for a backend without load_adapter, and auto picks merged there.
 """

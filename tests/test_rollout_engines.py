@@ -1,7 +1,7 @@
-"""N rollout engines on one local Ray: 2 native engines sample exactly what 1 samples (per-completion seeds),
-and after 3 train + refit rounds both serve the trainer's weights (greedy equal to a local copy loaded
-with the trainer's weights: the oracle); a dead engine ends the call with one line naming it; a refit
-transfer that outlives its timeout is one line too. Checksums are on."""
+"""N rollout engines on one local Ray: 2 native engines sample exactly what 1 samples (per-completion seeds; the
+1-engine oracle is a local native engine loaded with the trainer's weights), and after 3 train + refit rounds
+both serve the trainer's weights (greedy equal); a refit transfer that outlives its timeout and a dead engine
+each end the call with one line naming the engine. Checksums are on."""
 from __future__ import annotations
 
 import shutil
@@ -62,12 +62,6 @@ def policy(tmp_path_factory):
     return make_policy(tmp_path_factory.mktemp("engines"), seed=2)
 
 
-def _engine(policy, run: Path, num_engines: int, **rollout) -> HybridEngine:
-    cfg = RolloutConfig(backend="native", num_engines=num_engines, refit_checksum=True, refit_bucket_mb=0.05,
-                        **rollout)
-    return HybridEngine(ClusterConfig(**CLUSTER), cfg, OptimConfig(lr=2e-2), TrainConfig(), policy, run)
-
-
 def _batch(rollouts) -> dict[str, np.ndarray]:
     width = max(len(r.prompt_token_ids) + len(r.token_ids) for r in rollouts)
     ids = np.zeros((len(rollouts), width), dtype=np.int64)
@@ -91,55 +85,51 @@ def _same(a, b) -> None:
 
 
 def test_two_engines_sample_like_one_and_serve_the_trainers_weights_after_refits(ray_session, policy, tmp_path):
-    one, two = _engine(policy, tmp_path / "one", 1), _engine(policy, tmp_path / "two", 2)
+    """The 1-engine oracle is a local NativeRollout loaded with the trainer's weights before each round: the same
+    backend on one engine, all prompts in one batch. Then a refit that outlives its timeout is one line."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    two = HybridEngine(ClusterConfig(**CLUSTER), RolloutConfig(num_engines=2, refit_checksum=True, refit_bucket_mb=0.05,
+                                                               kwargs={"flag_dir": str(flags)}, refit_timeout_s=5),
+                       OptimConfig(lr=2e-2), TrainConfig(), policy, tmp_path / "two",
+                       rollout_backend=SlowNative)               # the native backend, slowed only by flag files
+    local = NativeRollout(str(policy))
     try:
         greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
         initial = two.generate(PROMPTS, greedy)
         for rnd in range(3):
             sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=8, seed=100 + rnd)
-            a, b = one.generate(PROMPTS, sampling), two.generate(PROMPTS, sampling)
+            b = two.generate(PROMPTS, sampling)                  # 3 prompts on each engine
+            a = local.generate(PROMPTS, sampling)
             _same(a, b)                                          # per-completion seeds: spread-independent
             assert len({tuple(r.token_ids) for r in a}) > 3
-            batch = _batch(a)
-            one.train_step(batch, reinforce)
-            two.train_step(batch, reinforce)
-            s1, s2 = one.sync_weights(), two.sync_weights()
-            assert s1.num_buckets > 1 and s1.bytes == s2.bytes > 0
+            two.train_step(_batch(a), reinforce)
+            stats = two.sync_weights()
+            assert stats.num_buckets > 1 and stats.bytes > 0
+            local.load_weights(iter(ray.get(two.workers[0].hf_named_arrays.remote())))
         assert [ray.get(r.get_version.remote()) for r in two.rollouts] == [3, 3] == [two.policy_version] * 2
-        # the oracle: a local engine loaded with the trainer's weights
-        local = NativeRollout(str(policy))
-        local.load_weights(iter(ray.get(two.workers[0].hf_named_arrays.remote())))
-        want = local.generate(PROMPTS, greedy)
-        got = two.generate(PROMPTS, greedy)                      # 3 prompts on each engine
-        _same(got, want)
-        _same(one.generate(PROMPTS, greedy), want)
+        want = local.generate(PROMPTS, greedy)                   # the trainer's weights after 3 updates
+        _same(two.generate(PROMPTS, greedy), want)
         before = np.concatenate([r.logprobs for r in initial])
         assert np.abs(np.concatenate([r.logprobs for r in want]) - before).max() > 1e-3   # the weights moved
-    finally:
-        one.shutdown()
-        two.shutdown()
 
-
-def test_dead_engine_and_refit_timeout_are_one_line_errors_naming_the_engine(ray_session, policy, tmp_path):
-    flags = tmp_path / "flags"
-    flags.mkdir()
-    kwargs = {"flag_dir": str(flags)}
-    eng = HybridEngine(ClusterConfig(**CLUSTER), RolloutConfig(num_engines=2, kwargs=kwargs, refit_timeout_s=3),
-                       OptimConfig(), TrainConfig(), policy, tmp_path / "run", rollout_backend=SlowNative)
-    try:
         (flags / "slow_load").touch()
         start = time.monotonic()
         with pytest.raises(EngineError) as err:
-            eng.sync_weights()
+            two.sync_weights()
         assert time.monotonic() - start < 30
         msg = str(err.value)
-        assert "\n" not in msg and "refit load timed out after 3s (rollout engine" in msg, msg
+        assert "\n" not in msg and "refit load timed out after 5s (rollout engine" in msg, msg
     finally:
-        (flags / "slow_load").unlink()
-        eng.shutdown()
+        (flags / "slow_load").unlink(missing_ok=True)
+        two.shutdown()
 
-    eng = HybridEngine(ClusterConfig(**CLUSTER), RolloutConfig(num_engines=2, kwargs=kwargs), OptimConfig(),
-                       TrainConfig(), policy, tmp_path / "run2", rollout_backend=SlowNative)
+
+def test_dead_engine_is_a_one_line_error_naming_it(ray_session, policy, tmp_path):
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    eng = HybridEngine(ClusterConfig(**CLUSTER), RolloutConfig(num_engines=2, kwargs={"flag_dir": str(flags)}),
+                       OptimConfig(), TrainConfig(), policy, tmp_path / "run", rollout_backend=SlowNative)
     errors: list[BaseException] = []
 
     def call():

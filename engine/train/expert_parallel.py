@@ -17,7 +17,7 @@ capacity) and balance losses are computed where the tokens are, exactly as at ep
     regroup by local expert, grouped GEMM                                  (model.moe.expert_swiglu)
     outputs  --all_to_all back-->  their tokens' ranks, in the order sent
 
-The backward runs the two all-to-alls in reverse (torch.distributed.nn.functional.all_to_all_single), so
+The backward runs the two all-to-alls in reverse (functional collectives' all_to_all_single_autograd), so
 an expert's gradient sums the tokens of every rank; FSDP2 then reduce-scatters it over "edp".
 One host sync per layer: the all-to-all split sizes. Device-level and communication balance losses use
 config.balance_devices (set it to ep_size for the real layout: devices = EP ranks).
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.distributed.tensor import DTensor, Shard
 
 
@@ -68,8 +68,8 @@ class ExpertDispatch:
         recv = recv_counts.view(P, E_local)
         splits = torch.cat([send, recv.sum(1)]).tolist()                           # the one host sync
         send_splits, recv_splits = splits[:P], splits[P:]
-        got = all_to_all_single(rows.new_empty(sum(recv_splits), rows.shape[1]), rows.contiguous(),
-                                recv_splits, send_splits, group=self.group)      # [m, H]: by source, then expert
+        got = wait_tensor(all_to_all_single_autograd(rows.contiguous(), recv_splits, send_splits, self.group))
+                                                                                   # [m, H]: by source, then expert
         expert_of = torch.arange(E_local, device=rows.device).repeat(P).repeat_interleave(recv.reshape(-1))
         order = expert_of.argsort(stable=True)                                     # [m] grouped by local expert
         from model.moe import expert_swiglu
@@ -77,8 +77,7 @@ class ExpertDispatch:
         y = expert_swiglu(got[order], recv.sum(0), local(experts.gate_up_proj), local(experts.down_proj),
                           experts.grouped)
         y = y[order.argsort()]                                                     # back to arrival order
-        return all_to_all_single(rows.new_empty(rows.shape[0], y.shape[1]), y.contiguous(),
-                                 send_splits, recv_splits, group=self.group)
+        return wait_tensor(all_to_all_single_autograd(y.contiguous(), send_splits, recv_splits, self.group))
 
 
 def routed_experts(model: nn.Module) -> list[nn.Module]:

@@ -98,7 +98,8 @@ def test_n_samples_logprobs_match_transformers(setup):
         assert r.prompt_token_ids == PROMPTS[r.prompt_index]
         assert 0 < len(r.token_ids) <= 12 and len(r.logprobs) == len(r.token_ids)
         assert r.finish_reason == ("length" if len(r.token_ids) == 12 else "stop")
-        assert r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence (decode shows it as U+FFFD)
+        assert r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True).rstrip("\ufffd")
         assert r.routed_experts is None
         diffs.append((hf_logprobs(model, r.prompt_token_ids, r.token_ids) - torch.tensor(r.logprobs)).abs())
     assert torch.cat(diffs).mean().item() <= 1e-4

@@ -414,7 +414,7 @@ def check_vllm(smoke: bool) -> dict:
 
 CHECKS = {"env": (check_env, 20), "mla_decode": (check_mla_decode, 45), "grouped_gemm": (check_grouped_gemm, 25),
           "fsdp2_step": (check_fsdp2_step, 60), "cuda_ipc_refit": (check_cuda_ipc_refit, 45),
-          "offload": (check_offload, 30), "routing_replay": (check_routing_replay, 30), "vllm": (check_vllm, 90)}
+          "offload": (check_offload, 45), "routing_replay": (check_routing_replay, 30), "vllm": (check_vllm, 90)}
 BUDGET_S = 230.0                         # the whole run, GPU mode: a check gets at most what is left
 
 

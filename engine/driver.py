@@ -1,12 +1,13 @@
 """HybridEngine: the driver-side API align/ uses to generate, score, train and sync weights.
 
     with HybridEngine(cluster, rollout, optim, train, model_dir, run_dir) as eng:
-        rollouts = eng.generate(prompts, SamplingConfig(n=4))
+        rollouts = eng.generate(prompts, SamplingConfig(n=4))   # spread over rollout.num_engines engines
         eng.train_step(batch, loss_fn)          # loss_fn(fwd, micro_batch) -> (loss, metrics)
-        eng.sync_weights()                      # trainer -> rollout engine, bucketed numpy
+        eng.sync_weights()                      # trainer -> every engine, buckets via engine/weight_sync
 
 Every call enters an offload phase first (rollout, policy, reference, train, refit), so with a
-shared GPU only what the call needs is resident. Global batches are split across the data-parallel
+shared GPU only what the call needs is resident: one scheduler per GPU that a training rank shares
+with an engine; the engine's weights come back for the refit, its KV cache only for the rollout. Global batches are split across the data-parallel
 ranks by rows; see engine/train/batching.py for the loss contract that keeps that exact. Actor deaths and
 timeouts become a one-line EngineError, after which the engine refuses further calls.
 """

@@ -335,11 +335,14 @@ class HybridEngine:
         return served.pop()
 
     def _init_nccl(self) -> None:
-        """The refit-only NCCL group: training rank 0 (rank 0) + every engine (ranks 1..E), joined concurrently."""
+        """The refit-only NCCL group: training rank 0 (rank 0) + every engine's TP workers (engine k's worker w is
+        rank 1 + k * tp + w), joined concurrently."""
         host, port = self._get(self.workers[0].master_address.remote(), "refit rendezvous")   # a fresh free port
-        world, t = 1 + len(self.rollouts), self.rollout_cfg.refit_timeout_s
+        tp, t = self.rollout_cfg.tensor_parallel_size, self.rollout_cfg.refit_timeout_s
+        world = 1 + len(self.rollouts) * tp
         self._nccl_kwargs = {"host": host, "port": port, "world_size": world, "timeout_s": t}
-        self._nccl_joins = {k: r.nccl_join.remote(host, port, world, 1 + k, t) for k, r in enumerate(self.rollouts)}
+        self._nccl_joins = {k: r.nccl_join.remote(host, port, world, 1 + k * tp, t)
+                            for k, r in enumerate(self.rollouts)}
         self._nccl_ready = True
 
     def sync_weights(self, bucket_mb: float | None = None) -> RefitStats:

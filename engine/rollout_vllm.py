@@ -259,6 +259,18 @@ class VLLMRollout:
             nbuckets += 1
         return RefitStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_tensors=ntensors, num_buckets=nbuckets)
 
+    def nccl_join(self, host: str, port: int, world_size: int, first_rank: int, timeout_s: float) -> None:
+        """Every worker (TP rank w) joins the refit NCCL group as first_rank + w (engine/vllm_ext.py)."""
+        self.llm.collective_rpc("refit_nccl_init", args=(host, port, world_size, first_rank, timeout_s))
+
+    def receive_nccl(self, meta) -> int:
+        """One NCCL-broadcast bucket, received, checked and loaded by every worker on its own GPU."""
+        if not self.refit_open:
+            self.llm.collective_rpc("refit_begin")
+            self.refit_open = True
+        self.llm.collective_rpc("refit_nccl_load", args=(meta,))
+        return len(meta.entries)
+
     def finish_refit(self) -> None:
         """Post-process every layer completed by this refit; a no-op when no refit is open."""
         if not self.refit_open:

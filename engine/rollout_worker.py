@@ -184,6 +184,8 @@ class RolloutWorker:
         elif transport == "cuda_ipc":
             buf = cuda_ipc.receive(meta, payload)
         elif transport == "nccl":
+            if getattr(self.impl, "receive_nccl", None) is not None:    # vLLM: each TP worker receives itself
+                return self.impl.receive_nccl(meta), meta.nbytes
             if self._nccl is None:
                 raise RuntimeError(f"{self.name}: nccl bucket before nccl_join")
             buf = self._nccl.receive(meta)
@@ -196,12 +198,17 @@ class RolloutWorker:
         return len(named), meta.nbytes
 
     def nccl_join(self, host: str, port: int, world_size: int, rank: int, timeout_s: float) -> None:
-        """Join the refit process group (engine/weight_sync/nccl.py) as `rank` (run concurrently with rank 0)."""
+        """Join the refit process group (engine/weight_sync/nccl.py) from rank `rank` on (one rank per TP worker
+        of this engine; run concurrently with rank 0). vLLM: its workers join; otherwise this actor does."""
         import torch
 
         from .weight_sync.nccl import NcclGroup
 
-        if self._nccl is None:
+        join = getattr(self.impl, "nccl_join", None)
+        if join is not None:
+            join(host, port, world_size, rank, timeout_s)
+            self._nccl = "backend"
+        elif self._nccl is None:
             self._nccl = NcclGroup(host, port, world_size, rank, torch.device("cuda", torch.cuda.current_device()),
                                    timeout_s)
 

@@ -46,6 +46,21 @@ class RefitExtension:
         self._refit_loaded |= set(loaded or ())
         return len(weights)
 
+    def refit_nccl_init(self, host: str, port: int, world_size: int, first_rank: int, timeout_s: float) -> None:
+        """Join the refit NCCL group (engine/weight_sync/nccl.py) as rank first_rank + this worker's TP rank."""
+        from engine.weight_sync.nccl import NcclGroup
+
+        self._refit_nccl = NcclGroup(host, port, world_size, first_rank + int(getattr(self, "rank", 0)),
+                                     torch.device("cuda", torch.cuda.current_device()), timeout_s)
+
+    def refit_nccl_load(self, meta) -> int:
+        """Receive one bucket by broadcast from training rank 0, check it, load it (between begin and finish)."""
+        from engine.weight_sync import unpack, verify
+
+        buf = self._refit_nccl.receive(meta)
+        verify(meta, buf, f"vLLM worker {getattr(self, 'rank', 0)}")
+        return self.refit_load(unpack(meta, buf))
+
     def refit_finish(self) -> int:
         """Process every layer that was not completed during loading; returns #params loaded."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload

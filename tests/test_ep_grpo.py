@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import yaml
 
 import model
 from tests.grpo_fixture import make_policy, write_prompts
-from tests.test_resume import REPO
+from tests.test_resume import align
 
 STEPS = 3
 
@@ -40,19 +38,13 @@ def exported(run: Path) -> dict[str, np.ndarray]:
 def test_ep_packed_two_ranks_export_what_one_rank_exports(tmp_path):
     runs = {"one": {"world_size": 1},
             "ep": {"world_size": 2, "sharding": "fsdp2", "ep_size": 2, "micro_batch_tokens": 40}}
-    procs = {}
-    for name, train in runs.items():                        # both at once: Ray's start-up overlaps
+    for name, train in runs.items():              # one after the other: two local Rays starting at once race for ports
         (tmp_path / name).mkdir()
-        log = open(tmp_path / name / "stderr.log", "wb")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "align.cli", "grpo", str(recipe(tmp_path / name, train)),
-                                        "-o", str(tmp_path / name / "run")], cwd=REPO, stdout=subprocess.DEVNULL,
-                                       stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
-    try:
-        for name, p in procs.items():
-            assert p.wait(timeout=600) == 0, (tmp_path / name / "stderr.log").read_text()[-3000:]
-    finally:
-        for p in procs.values():                            # a failed or hung run: end its process group
-            if p.poll() is None:
+        p = align("grpo", str(recipe(tmp_path / name, train)), "-o", str(tmp_path / name / "run"))
+        try:
+            assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+        finally:
+            if p.poll() is None:                  # hung: end its process group
                 os.killpg(p.pid, signal.SIGKILL)
     assert (tmp_path / "ep" / "run" / "checkpoints" / f"step-{STEPS}" / "engine" / "dcp").is_dir()   # sharded
     one, ep = exported(tmp_path / "one" / "run"), exported(tmp_path / "ep" / "run")

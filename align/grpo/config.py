@@ -91,6 +91,12 @@ class GRPOConfig(BaseModel):
             if self.engine.train.lora is not None and self.engine.train.lora != self.lora:
                 raise ValueError("grpo.lora and grpo.engine.train.lora differ: set grpo.lora only")
             self.engine.train.lora = self.lora
+        names = {d.label for d in self.data}
+        for c in self.rewards:                              # a typo in a scope would silently score nothing
+            unknown = sorted(set((c.where or {}).get("data_source", [])) - names)
+            if unknown:
+                raise ValueError(f"rewards '{c.label}'.where.data_source names {unknown}, not a data source of "
+                                 f"this stage (its sources: {sorted(names)}; set data[].name to rename one)")
         if self.async_rollout.enabled and self.engine.cluster.placement != "split":
             raise ValueError("grpo.async_rollout needs grpo.engine.cluster.placement=split (colocated rollout and "
                              "training share a device and take turns, so there is nothing to overlap)")

@@ -149,7 +149,7 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float = 80.0, prompt
         act, no_grad_act = act + dispatch, no_grad_act + dispatch
 
     vllm = e.rollout.backend in ("vllm", "auto")
-    tp = int(e.rollout.kwargs.get("tensor_parallel_size", 1))
+    tp = int(e.rollout.kwargs.get("tensor_parallel_size", e.rollout.tensor_parallel_size))
     c = shape.config
     vllm_w = 2 * P / tp if vllm else 4 * P
     kv = (e.rollout.vllm.kv_cache_gib * GiB if vllm and e.rollout.vllm.kv_cache_gib
@@ -172,6 +172,10 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float = 80.0, prompt
         Phase("train", **trainer({"params", "optimizer"}, True), grads=on_gpu["grads"], activations=act,
               vllm_weights=0 if asleep else rollout_w, kv_cache=0 if asleep else rollout_kv),
     ]
+    if not colocated:                 # split: each engine's own GPUs (tp per engine) hold its weights and KV cache
+        engines = e.rollout.num_engines
+        engine_kv = kv if e.rollout.vllm.kv_cache_gib else kv / engines
+        phases.append(Phase(f"engine GPU ({engines}x{tp})", vllm_weights=vllm_w, kv_cache=engine_kv))
     return Plan(cfg.init_from, P, world, gpu_memory_gib * GiB, rank, host, phases, A,
                 reference_saved=4 * P / S if wants_ref and lora is not None else 0.0, ep_size=ep, gathered=gathered,
                 micro_batch_tokens=tokens)

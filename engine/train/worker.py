@@ -41,7 +41,7 @@ from ..config import OptimConfig, TrainConfig
 from ..logprobs import entropy as token_entropy
 from ..logprobs import token_logprobs
 from ..offload import Mode, Offloader, OffloadedError
-from . import checkpoint, expert_parallel, lora, sharding
+from . import checkpoint, expert_parallel, grads, lora, sharding
 from .batching import MODEL_INPUTS, Forward, LossFn, loss_mask_of, micro_batches, num_rows, padding_batch, to_tensors
 from .packing import sequences_in, to_rows, token_budget_micro_batches
 from .numerics import accelerator_for, enable_gradient_checkpointing, resolve_precision, scores_in_forward
@@ -259,8 +259,9 @@ class TrainWorker:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if not self.sharded:
-            self._all_reduce_grads(params)                  # fsdp2 reduce-scattered them in the backward
-        grad_norm = self._clip(params)
+            grads.all_reduce_(params)                       # fsdp2 reduce-scattered them in the backward
+        grad_norm = grads.clip_(params, self.optim_cfg.max_grad_norm, self.accelerator, self.sharded,
+                                self.train_cfg.ep_size)
         lr = float(self.scheduler.get_last_lr()[0])
         skipped = not np.isfinite(grad_norm)
         if self.accelerator.scaler is not None:             # fp16: the scaler skips and lowers its scale itself
@@ -276,34 +277,6 @@ class TrainWorker:
         reduced = self._reduce_metrics({"loss": loss_sum, **sums})
         return {**reduced, "grad_norm": grad_norm, "lr": lr, "skipped": float(skipped),
                 "num_tokens": counts[0], "num_seqs": float(counts[1]), "step": float(self.step)}
-
-    def _clip(self, params: list[nn.Parameter]) -> float:
-        max_norm = self.optim_cfg.max_grad_norm or float("inf")
-        if not self.sharded:
-            return float(self.accelerator.clip_grad_norm_(params, max_norm))
-        if self.train_cfg.ep_size > 1:                      # expert and other shards live on different meshes
-            return expert_parallel.clip_grad_norm_(params, max_norm)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(sharding.full_tensor(norm))
-
-    def _all_reduce_grads(self, params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-        """SUM over ranks (the loss is already normalised by the global batch), in flat buckets."""
-        if not self._distributed:
-            return
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for g in [p.grad for p in params] + [None]:
-            if g is not None:
-                bucket.append(g)
-                size += g.numel() * g.element_size()
-            if bucket and (g is None or size >= bucket_bytes):
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.all_reduce(flat)
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-                bucket, size = [], 0
 
     def _reduce_metrics(self, local: dict[str, float]) -> dict[str, float]:
         if not self._distributed:

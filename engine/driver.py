@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineError", "HybridEngine", "pretrained_factory"]
 
 
-def _from_pretrained(model_dir: str):
+def _from_pretrained(model_dir: str, weights: bool = True):
     from model import from_pretrained
 
-    return from_pretrained(model_dir)
+    return from_pretrained(model_dir, weights=weights)
 
 
 def pretrained_factory(model_dir: str | os.PathLike) -> ModelFactory:

@@ -31,8 +31,10 @@ def build(config: str | DeepseekV2Config = "tiny", reward_model: bool = False, s
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    reward_model: bool | None = None, **config_overrides):
-    """Load an HF DeepseekV2 checkpoint directory (ours, transformers' or DeepSeek's layout)."""
+                    reward_model: bool | None = None, weights: bool = True, **config_overrides):
+    """Load an HF DeepseekV2 checkpoint directory (ours, transformers' or DeepSeek's layout).
+    weights=False: the architecture only, on the meta device (nothing read or allocated), for a training
+    rank that receives its shards from rank 0."""
     config = load_config(path)
     for k, v in config_overrides.items():
         setattr(config, k, v)
@@ -41,6 +43,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     cls = DeepseekV2RewardModel if reward_model else DeepseekV2LM
     with torch.device("meta"):
         network = cls(config)
+    if not weights:
+        return network.to(dtype=dtype)
     state = from_checkpoint_tensors(read_checkpoint_tensors(path))
     if not reward_model:
         state = {k: v for k, v in state.items() if not k.startswith("score.")}

@@ -17,7 +17,8 @@ TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_h
             first_k_dense_replace=1, max_position_embeddings=64)
 
 
-def tiny_net():
+def tiny_net(weights: bool = True):
+    """weights=False (a sharded rank > 0): called under torch.device("meta"), so only the shapes are built."""
     return model.build("tiny", seed=0, **TINY)
 
 

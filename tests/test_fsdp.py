@@ -45,7 +45,9 @@ def ranks(rank: int, world: int, port: int, out: Path) -> None:
     for name, extra in CASES.items():
         w = TrainWorker(tiny_net, tiny_net if extra.get("reference") else None, OPT,
                         TrainConfig(sharding="fsdp2", world_size=world, **extra), rank, world)
-        w.init_distributed("127.0.0.1", port)
+        built_on_meta = all(p.is_meta for p in w.model.parameters())
+        assert built_on_meta == (rank > 0), (rank, built_on_meta)   # rank 1 never holds the full model
+        w.init_distributed("127.0.0.1", port)                       # rank 0's weights scattered into the shards
         m = run_steps(w, range(STEPS), rank, world)
         held = w.held_bytes()                              # AdamW state present, the last step's gradients
         got = weights(w)

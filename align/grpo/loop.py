@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 TOP_LEVEL = ("mismatch/", "is/")          # loss metrics logged under their own name, not train/
 
 
-def load_policy(model_dir: str, capacity_factor: float | None):
-    """The policy (and reference) factory: token dropping as the GRPO config says, capacity per sequence."""
+def load_policy(model_dir: str, capacity_factor: float | None, weights: bool = True):
+    """The policy (and reference) factory: token dropping as the GRPO config says, capacity per sequence.
+    weights=False: on the meta device (a sharded rank > 0 gets its shards from rank 0)."""
     from model import from_pretrained
 
-    net = from_pretrained(model_dir)
+    net = from_pretrained(model_dir, weights=weights)
     net.set_token_dropping(capacity_factor, per_sequence=True)
     return net
 

@@ -90,3 +90,37 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
     state = [v for s in (optimizer.state.values() if optimizer is not None else [])
              for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {"params": nbytes(params), "optimizer": nbytes(state)}
+
+
+def build(factory, on_meta: bool, device: torch.device) -> nn.Module:
+    """The factory's network on `device`, or, with on_meta and a factory that takes `weights=False`, only its
+    architecture on the meta device (nothing read or allocated: a sharded rank > 0 takes rank 0's weights)."""
+    if on_meta and takes_weights_flag(factory):
+        with torch.device("meta"):
+            return factory(weights=False)
+    return factory().to(device)
+
+
+def takes_weights_flag(factory) -> bool:
+    import inspect
+
+    try:
+        return "weights" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After fully_shard on every rank: rank 0's full weights (its state dict taken before sharding; the other
+    ranks pass {}) scattered into every rank's shards, whatever their mesh (fsdp2, ep). Ranks built on the
+    meta device are materialised first; buffers (rotary frequencies, load counters) come from rank 0 too."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+

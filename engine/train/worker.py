@@ -70,7 +70,10 @@ class TrainWorker:
         self.accelerator = accelerator_for("no" if self.sharded else self.precision)   # fsdp2: MixedPrecisionPolicy
         self.device = self.accelerator.device
         torch.manual_seed(t.seed)                            # identical init on every rank (rank 0 broadcasts too)
-        self.model: nn.Module = model_factory().to(self.device)
+        # fsdp2: ranks > 0 build the architecture on the meta device and receive their shards from rank 0
+        # (init_distributed), so a node holds one full copy at most (V2 in fp32: 944 GB), not one per rank.
+        self.on_meta = self.sharded and rank > 0 and t.lora is None
+        self.model: nn.Module = sharding.build(model_factory, self.on_meta, self.device)
         self.model.train()
         if t.lora is not None:                               # adapters only; the frozen base is the reference
             lora.attach(self.model, t.lora)
@@ -80,7 +83,7 @@ class TrainWorker:
         self.ref_is_base = ref_factory is not None and t.lora is not None    # no reference copy loaded
         if ref_factory is not None and not self.ref_is_base:
             torch.manual_seed(t.seed)
-            self.ref = ref_factory().to(self.device).eval().requires_grad_(False)
+            self.ref = sharding.build(ref_factory, self.on_meta, self.device).eval().requires_grad_(False)
         if self.sharded and offload_mode == "real":
             log.warning("offload mode 'real' is not implemented for sharding=fsdp2 (use train.cpu_offload): accounting")
             offload_mode = "accounting"
@@ -133,11 +136,14 @@ class TrainWorker:
         if not dist.is_initialized():                       # (in-process tests may share one group)
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
-        with torch.no_grad():
-            for m in [self.unwrapped] + ([self.ref] if self.ref is not None else []):
-                for x in list(m.parameters()) + list(m.buffers()):
-                    dist.broadcast(x.data, src=0)
-        if self.sharded:
+        models = [self.unwrapped] + ([self.ref] if self.ref is not None else [])
+        if not self.sharded:                                # replicated: every rank takes rank 0's weights
+            with torch.no_grad():
+                for m in models:
+                    for x in list(m.parameters()) + list(m.buffers()):
+                        dist.broadcast(x.data, src=0)
+        if self.sharded:                                    # shard first (on meta too), then scatter rank 0's
+            full = [dict(m.state_dict()) if self.rank == 0 else {} for m in models]
             t = self.train_cfg
             mesh, expert_mesh = sharding.device_mesh(self.world_size, t.replicas, self.device.type), None
             if t.ep_size > 1:                               # experts split over EP groups (expert_parallel.py)
@@ -148,6 +154,9 @@ class TrainWorker:
             sharding.shard(self.model, mesh, self.precision, t.cpu_offload, expert_mesh=expert_mesh)
             if self.ref is not None:
                 sharding.shard(self.ref, mesh, self.precision, t.cpu_offload, expert_mesh=expert_mesh)
+            for m, state in zip(models, full):
+                sharding.load_from_rank0(m, state, self.device)
+            del full
             self._build_optimizer()
 
     def ready(self) -> dict[str, Any]:
@@ -260,8 +269,7 @@ class TrainWorker:
                 p.grad = torch.zeros_like(p)
         if not self.sharded:
             grads.all_reduce_(params)                       # fsdp2 reduce-scattered them in the backward
-        grad_norm = grads.clip_(params, self.optim_cfg.max_grad_norm, self.accelerator, self.sharded,
-                                self.train_cfg.ep_size)
+        grad_norm = self._clip(params)
         lr = float(self.scheduler.get_last_lr()[0])
         skipped = not np.isfinite(grad_norm)
         if self.accelerator.scaler is not None:             # fp16: the scaler skips and lowers its scale itself
@@ -277,6 +285,10 @@ class TrainWorker:
         reduced = self._reduce_metrics({"loss": loss_sum, **sums})
         return {**reduced, "grad_norm": grad_norm, "lr": lr, "skipped": float(skipped),
                 "num_tokens": counts[0], "num_seqs": float(counts[1]), "step": float(self.step)}
+
+    def _clip(self, params: list[nn.Parameter]) -> float:
+        """The global gradient norm before clipping to optim.max_grad_norm (grads.clip_, in this layout)."""
+        return grads.clip_(params, self.optim_cfg.max_grad_norm, self.accelerator, self.sharded, self.train_cfg.ep_size)
 
     def _reduce_metrics(self, local: dict[str, float]) -> dict[str, float]:
         if not self._distributed:

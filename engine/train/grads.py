@@ -10,10 +10,8 @@ from . import expert_parallel, sharding
 
 
 def all_reduce_(params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-    """SUM every gradient over the ranks, in flat buckets (the loss is already each rank's share of the
-    global loss). No-op without a process group of more than one rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+    """SUM every gradient over the ranks of the default process group, in flat buckets (the loss is already
+    each rank's share of the global loss). The caller decides whether it is distributed."""
     bucket: list[torch.Tensor] = []
     size = 0
     for g in [p.grad for p in params] + [None]:

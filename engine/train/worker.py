@@ -267,7 +267,7 @@ class TrainWorker:
         for p in params:                                    # unused experts: zero grads on every rank alike
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if not self.sharded:
+        if not self.sharded and self._distributed:
             grads.all_reduce_(params)                       # fsdp2 reduce-scattered them in the backward
         grad_norm = self._clip(params)
         lr = float(self.scheduler.get_last_lr()[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 import model
 from model.tokenizer import train_tokenizer
 
@@ -95,3 +97,18 @@ def fails_on_long(prompts: list[str], completions: list[str], **columns) -> list
     if any(completions):
         raise ValueError("cannot score a non-empty completion")
     return [1.0] * len(completions)
+
+
+def rollout_batch(rollouts) -> dict[str, np.ndarray]:
+    """A training batch of sampled rollouts (prompt + completion, completion tokens scored) with a per-row
+    weight from -1 to 1 (a stand-in advantage)."""
+    width = max(len(r.prompt_token_ids) + len(r.token_ids) for r in rollouts)
+    ids = np.zeros((len(rollouts), width), dtype=np.int64)
+    att, lm = np.zeros_like(ids), np.zeros_like(ids)
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_token_ids + r.token_ids
+        ids[i, :len(seq)], att[i, :len(seq)] = seq, 1
+        lm[i, len(r.prompt_token_ids):len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": lm,
+            "weight": np.linspace(-1, 1, len(rollouts)).astype(np.float32)}
+

@@ -20,7 +20,7 @@ from engine.config import ClusterConfig, OptimConfig, RolloutConfig, TrainConfig
 from engine.driver import EngineError, HybridEngine
 from engine.rollout_native import NativeRollout
 from engine.sampling import SamplingConfig
-from tests.grpo_fixture import make_policy
+from tests.grpo_fixture import make_policy, rollout_batch
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18], [19, 20, 21], [22, 23]]
 CLUSTER = dict(placement="split", rollout_num_cpus=1, train_num_cpus=1, actor_threads=1)
@@ -62,18 +62,6 @@ def policy(tmp_path_factory):
     return make_policy(tmp_path_factory.mktemp("engines"), seed=2)
 
 
-def _batch(rollouts) -> dict[str, np.ndarray]:
-    width = max(len(r.prompt_token_ids) + len(r.token_ids) for r in rollouts)
-    ids = np.zeros((len(rollouts), width), dtype=np.int64)
-    att, lm = np.zeros_like(ids), np.zeros_like(ids)
-    for i, r in enumerate(rollouts):
-        seq = r.prompt_token_ids + r.token_ids
-        ids[i, :len(seq)], att[i, :len(seq)] = seq, 1
-        lm[i, len(r.prompt_token_ids):len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": lm,
-            "weight": np.linspace(-1, 1, len(rollouts)).astype(np.float32)}
-
-
 def reinforce(fwd, mb):
     return fwd.token_mean(-fwd.logp * mb["weight"][:, None]), {}
 
@@ -103,7 +91,7 @@ def test_two_engines_sample_like_one_and_serve_the_trainers_weights_after_refits
             a = local.generate(PROMPTS, sampling)
             _same(a, b)                                          # per-completion seeds: spread-independent
             assert len({tuple(r.token_ids) for r in a}) > 3
-            two.train_step(_batch(a), reinforce)
+            two.train_step(rollout_batch(a), reinforce)
             stats = two.sync_weights()
             assert stats.num_buckets > 1 and stats.bytes > 0
             local.load_weights(iter(ray.get(two.workers[0].hf_named_arrays.remote())))

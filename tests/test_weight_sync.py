@@ -14,7 +14,7 @@ from engine.rollout_worker import RolloutWorker
 from engine.sampling import SamplingConfig, completion_seed, spread_prompts
 from engine.train import TrainWorker
 from engine.weight_sync import WeightSyncError, checksum, pack_buckets, unpack
-from tests.grpo_fixture import make_policy
+from tests.grpo_fixture import make_policy, rollout_batch
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +71,7 @@ def test_bf16_engine_receives_bf16_buckets_equal_to_the_trainers_weights(policy)
 
 def _one_batch(engine: RolloutWorker):
     rollouts = engine.generate([[5, 6, 7], [8, 9]], SamplingConfig(n=2, max_tokens=4, seed=0))
-    width = max(len(r.prompt_token_ids) + len(r.token_ids) for r in rollouts)
-    ids = np.zeros((len(rollouts), width), dtype=np.int64)
-    att, lm = np.zeros_like(ids), np.zeros_like(ids)
-    for i, r in enumerate(rollouts):
-        seq = r.prompt_token_ids + r.token_ids
-        ids[i, :len(seq)], att[i, :len(seq)] = seq, 1
-        lm[i, len(r.prompt_token_ids):len(seq)] = 1
-    batch = {"input_ids": ids, "attention_mask": att, "loss_mask": lm,
-             "weight": np.linspace(-1, 1, len(rollouts)).astype(np.float32)}
+    batch = rollout_batch(rollouts)
 
     def loss(fwd, mb):
         return fwd.token_mean(-fwd.logp * mb["weight"][:, None]), {}

@@ -18,8 +18,9 @@ import functools
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from .config import ClusterConfig, EngineConfig, OffloadConfig, OptimConfig, Rol
 from .offload import Item, OffloadScheduler, resolve_mode
 from .refit import RefitStats
 from .weight_sync import choose_transport
+from .weight_sync.orchestrate import RefitDriver
+from .restart import restart_engine
 from .rollout_worker import RolloutWorker
 from .scorer_worker import ScorerHandle, ScorerWorker
 from .sampling import Rollout, SamplingConfig, spread_prompts
@@ -86,8 +89,12 @@ class HybridEngine:
                  train_cfg: TrainConfig, model_dir: str | os.PathLike, run_dir: str | os.PathLike,
                  offload_cfg: OffloadConfig | None = None, *, model_factory: ModelFactory | None = None,
                  ref_factory: ModelFactory | None = None,
-                 rollout_backend: str | Callable[..., Any] | None = None):
+                 rollout_backend: str | Callable[..., Any] | None = None, restart_dead_engines: int = 0):
+        """restart_dead_engines: how many times one generate call may replace each rollout engine that
+        died and retry its share (engine/restart.py); 0 (default) = a death ends the call with one line."""
         self.cluster_cfg, self.rollout_cfg = cluster_cfg, rollout_cfg
+        self.restart_dead_engines = int(restart_dead_engines)
+        self._weights_lock = threading.Lock()       # train_step vs a restarted engine's refit (restart.py)
         self.optim_cfg, self.train_cfg = optim_cfg, train_cfg
         self.offload_cfg = offload_cfg or OffloadConfig()
         self.model_dir, self.run_dir = str(model_dir), Path(run_dir)
@@ -119,9 +126,8 @@ class HybridEngine:
         engine_kwargs = dict(rc.kwargs)
         if rc.tensor_parallel_size > 1 or rc.expert_parallel:     # vLLM only; native refuses the unknown kwargs
             engine_kwargs.update(tensor_parallel_size=rc.tensor_parallel_size, enable_expert_parallel=rc.expert_parallel)
-        self.rollouts = [c.track(ray.remote(RolloutWorker).options(**c.rollout_options(k)).remote(
-            backend, self.model_dir, rc.vllm.constructor_kwargs(), name=f"rollout engine {k}", **engine_kwargs))
-            for k in range(rc.num_engines)]
+        self._backend, self._engine_kwargs = backend, engine_kwargs     # engine/restart.py builds the same
+        self.rollouts = [self._new_rollout(k) for k in range(rc.num_engines)]
         self.rollout = self.rollouts[0]
         train_cls = ray.remote(TrainWorker)
         self.workers = [c.track(train_cls.options(**c.train_options(r)).remote(
@@ -141,13 +147,20 @@ class HybridEngine:
         self.scorers: dict[str, Any] = {}
         self._expected_len: dict[tuple[int, ...], float] = {}    # mean completion length per prompt seen
         self.transport = choose_transport(self.rollout_cfg.weight_sync, gpu, self.cluster_cfg.placement)
-        self._nccl_ready = False
+        self._refit = RefitDriver(self)
         self.offloads = self._offload_schedulers(mode)
         self.offload = self.offloads.get(0)
         log.info("engine up: %d rollout engine(s) (%s) on node(s) %s, %d training rank(s), placement %s, offload %s, "
                  "weight sync %s", len(self.rollouts), self.rollout_info["backend"],
                  sorted({str(i["node_id"]) for i in self.rollout_infos}), n, self.cluster_cfg.placement,
                  mode if self.offloads else "off", self.transport)
+
+    def _new_rollout(self, k: int) -> Any:
+        """Rollout engine k's actor, in its placement bundle (started, not yet ready)."""
+        c = self.cluster
+        return c.track(ray.remote(RolloutWorker).options(**c.rollout_options(k)).remote(
+            self._backend, self.model_dir, self.rollout_cfg.vllm.constructor_kwargs(), name=f"rollout engine {k}",
+            **self._engine_kwargs))
 
     def _offload_schedulers(self, mode: str) -> dict[int, OffloadScheduler]:
         """Colocated + enabled: one scheduler per GPU that a training rank shares with a rollout engine
@@ -238,37 +251,68 @@ class HybridEngine:
         With N engines the prompts are spread over them (equal counts, the longest expected completions
         first: engine.sampling.spread_prompts) and the results merged back in prompt order; every completion's
         seed depends only on (sampling.seed, global prompt index, sample index), so the result is the same
-        for any N."""
+        for any N. The gathered form of generate_stream."""
+        out = [r for _, rollouts in self.generate_stream(prompts_token_ids, sampling) for r in rollouts]
+        out.sort(key=lambda r: r.prompt_index)              # stable: a prompt's samples keep their order
+        return out
+
+    def generate_stream(self, prompts_token_ids: list[list[int]], sampling: SamplingConfig
+                        ) -> Iterator[tuple[list[int], list[Rollout]]]:
+        """generate, one engine's share at a time: yields (prompt indices, their rollouts) as each engine
+        finishes; the indices ascending, each rollout's prompt_index global, sorted by it (a prompt's samples
+        in sample order), so a consumer can start on those groups while the other engines still generate.
+        A dead engine ends the stream with one EngineError line naming it, or, with restart_dead_engines,
+        is replaced (engine/restart.py) and its share generated again, with the same seeds."""
         self.enter_phase("rollout")
         if len(self.rollouts) == 1:
-            out = self._get(self.rollout.generate.remote(prompts_token_ids, sampling), "generate",
-                            role="rollout engine 0")
+            parts = [list(range(len(prompts_token_ids)))]
         else:
             costs = [len(p) + self._expected_len.get(tuple(p), sampling.max_tokens) for p in prompts_token_ids]
             parts = spread_prompts(costs, len(self.rollouts))
-            refs = {k: self.rollouts[k].generate.remote([prompts_token_ids[i] for i in part], sampling, part)
-                    for k, part in enumerate(parts) if part}
-            out = []
-            for k, rollouts in self._gather(refs, "generate").items():
-                for r in rollouts:
-                    r.prompt_index = parts[k][r.prompt_index]
-                out += rollouts
-            out.sort(key=lambda r: r.prompt_index)          # stable: a prompt's samples keep their order
+
+        def submit(k: int) -> Any:
+            args = ([prompts_token_ids[i] for i in parts[k]], sampling) + ((parts[k],) if len(parts) > 1 else ())
+            return self.rollouts[k].generate.remote(*args)
+
+        restarts = {k: self.restart_dead_engines for k in range(len(parts))}
+
+        def on_death(k: int) -> Any:
+            if restarts[k] <= 0:
+                return None
+            restarts[k] -= 1
+            restart_engine(self, k)
+            return submit(k)
+
+        refs = {k: submit(k) for k, part in enumerate(parts) if part}
+        for k, rollouts in self._as_completed(refs, "generate", on_death=on_death):
+            for r in rollouts:
+                r.prompt_index = parts[k][r.prompt_index]
+            rollouts.sort(key=lambda r: r.prompt_index)
+            self._note_lengths(prompts_token_ids, rollouts)
+            yield parts[k], rollouts
+
+    def _note_lengths(self, prompts_token_ids: list[list[int]], rollouts: list[Rollout]) -> None:
+        """Remember each prompt's mean completion length (spread_prompts puts the longest first next time)."""
         lengths: dict[int, list[int]] = {}
-        for r in out:
+        for r in rollouts:
             lengths.setdefault(r.prompt_index, []).append(len(r.token_ids))
         if len(self._expected_len) > 100_000:
             self._expected_len.clear()
         for i, ls in lengths.items():
             self._expected_len[tuple(prompts_token_ids[i])] = float(np.mean(ls))
-        return out
 
     def _gather(self, refs: dict[int, Any], what: str, timeout: float | None = None) -> dict[int, Any]:
         """Results of one call per rollout engine {k: ref}; the first engine to die or the deadline ends the wait
         with one line naming the engine(s)."""
+        return dict(self._as_completed(refs, what, timeout))
+
+    def _as_completed(self, refs: dict[int, Any], what: str, timeout: float | None = None,
+                      on_death: Callable[[int], Any] | None = None) -> Iterator[tuple[int, Any]]:
+        """(k, result) of one call per rollout engine {k: ref}, in the order they finish, under one deadline.
+        on_death(k): a new ref for a dead engine k's call (after a restart), or None: the one-line error."""
         timeout = self.cluster_cfg.call_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        pending, out = {ref: k for k, ref in refs.items()}, {}
+        pending = {ref: k for k, ref in refs.items()}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
@@ -277,16 +321,28 @@ class HybridEngine:
                 raise EngineError(self._broken)
             for ref in ready:
                 k = pending.pop(ref)
-                out[k] = self._get(ref, what, role=f"rollout engine {k}")
-        return out
+                again = None
+                if on_death is not None:
+                    try:
+                        ray.get(ref, timeout=0)                 # ready: no wait; a death raises here
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                        again = None if getattr(e, "actor_init_failed", False) else on_death(k)
+                    except Exception:  # noqa: BLE001 - reported by _get below
+                        pass
+                if again is not None:
+                    pending[again] = k
+                    deadline = max(deadline, time.monotonic() + timeout)   # the retry gets a full timeout
+                    continue
+                yield k, self._get(ref, what, role=f"rollout engine {k}")
 
     def train_step(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on the global batch, split by rows over the ranks; metrics are global."""
         self.enter_phase("train")
         shards = self._shards(batch)
-        metrics = self._get([w.train_step.remote(s, loss_fn) for w, s in zip(self.workers, shards)],
-                            "train_step")[0]
-        self.policy_version = int(metrics["step"])          # a skipped (non-finite) step changes nothing
+        with self._weights_lock:
+            metrics = self._get([w.train_step.remote(s, loss_fn) for w, s in zip(self.workers, shards)],
+                                "train_step")[0]
+            self.policy_version = int(metrics["step"])      # a skipped (non-finite) step changes nothing
         if self.offloads and not self._sizes[0].get("optimizer"):
             self._refresh_sizes()                           # AdamW state exists only after the first step
         return metrics
@@ -304,114 +360,14 @@ class HybridEngine:
                           f"compute_logprobs({which})")
         return np.concatenate(parts)
 
-    def _next(self, gen: Any, timeout: float) -> Any:
-        """The next ref of a streaming generator, waited for at most timeout (StopIteration at its end)."""
-        ready, _ = ray.wait([gen], timeout=timeout)
-        if not ready:
-            self._broken = f"refit send timed out after {timeout:.0f}s (training rank streaming buckets)"
-            raise EngineError(self._broken)
-        return next(gen)
-
-    def _refit_payload(self) -> tuple[str, bool]:
-        """(payload, load as adapter): full weights without LoRA; with it, lora.sync resolved for the backend
-        (engine/lora_sync.py): "adapter" = the engines apply the LoRA factors themselves (load_adapter)."""
-        from .lora_sync import refit_payload
-
-        if self.train_cfg.lora is None:
-            return "full", False
-        if getattr(self, "_applies_adapters", None) is None:
-            self._applies_adapters = all(self._gather({k: r.supports_adapters.remote() for k, r in
-                                                       enumerate(self.rollouts)}, "rollout supports_adapters").values())
-        payload = refit_payload(self.train_cfg.lora.sync, self._applies_adapters)
-        return payload, payload == "adapter"
-
-    def _refit_dtype(self) -> str | None:
-        """The dtype refit buckets travel in: refit_dtype, else what the engines serve (None = as trained)."""
-        if self.rollout_cfg.refit_dtype != "auto":
-            return self.rollout_cfg.refit_dtype
-        served = {i.get("serve_dtype") for i in self.rollout_infos}
-        if len(served) > 1:
-            raise EngineError(f"rollout engines serve different dtypes {sorted(map(str, served))}")
-        return served.pop()
-
-    def _init_nccl(self) -> None:
-        """The refit-only NCCL group: training rank 0 (rank 0) + every engine's TP workers (engine k's worker w is
-        rank 1 + k * tp + w), joined concurrently."""
-        host, port = self._get(self.workers[0].master_address.remote(), "refit rendezvous")   # a fresh free port
-        tp, t = self.rollout_cfg.tensor_parallel_size, self.rollout_cfg.refit_timeout_s
-        world = 1 + len(self.rollouts) * tp
-        self._nccl_kwargs = {"host": host, "port": port, "world_size": world, "timeout_s": t}
-        self._nccl_joins = {k: r.nccl_join.remote(host, port, world, 1 + k * tp, t)
-                            for k, r in enumerate(self.rollouts)}
-        self._nccl_ready = True
-
     def sync_weights(self, bucket_mb: float | None = None) -> RefitStats:
         """Stream the trainer's weights (checkpoint names) into every rollout engine, bucket by bucket, in the
         dtype the engines serve, through the placement's transport (engine/weight_sync): the object store on
         CPU (one copy of each bucket read by all engines), CUDA IPC from the rank on each engine's GPU, or an
         NCCL broadcast from rank 0. Under fsdp2 the other ranks join each tensor's all-gather (refit_peer).
-        Every transfer waits at most rollout.refit_timeout_s; a failure is one EngineError line."""
-        self.enter_phase("refit")
-        payload, adapter = self._refit_payload()            # LoRA: adapters or merged layers (engine/lora_sync.py)
-        rc = self.rollout_cfg
-        bucket_bytes = int((bucket_mb or rc.refit_bucket_mb) * 1e6)
-        dtype, timeout, transport = self._refit_dtype(), rc.refit_timeout_s, self.transport
-        if transport == "nccl" and not self._nccl_ready:
-            self._init_nccl()
-        # (sending rank, engines it feeds): IPC pairs each engine with the rank on its GPU
-        routes = [(k, [k]) for k in range(len(self.rollouts))] if transport == "cuda_ipc" else \
-            [(0, list(range(len(self.rollouts))))]
-        senders = {r for r, _ in routes}
-        peers = [w.refit_peer.remote(payload) for r, w in enumerate(self.workers)
-                 if r not in senders and self.train_cfg.sharding == "fsdp2"]
-        start = time.perf_counter()
-        tensors = nbytes = nbuckets = 0
-        # each sender streams meta, payload, meta, payload, ... (nccl: meta only; the bytes are broadcast):
-        # the small meta comes to the driver, the payload stays an object ref that every engine reads
-        streams = [(self.workers[r].sync_send.options(num_returns="streaming", _generator_backpressure_num_objects=4)
-                    .remote(transport, bucket_bytes, dtype, rc.refit_checksum,
-                            getattr(self, "_nccl_kwargs", None), payload), engines) for r, engines in routes]
-        try:
-            pending: list[tuple[int, Any]] = []
-            iters = list(streams)
-            while iters:
-                still = []
-                for it, engines in iters:
-                    try:
-                        meta_ref = self._next(it, timeout)
-                        data = None if transport == "nccl" else self._next(it, timeout)
-                    except StopIteration:
-                        continue
-                    still.append((it, engines))
-                    meta = self._get(meta_ref, "refit send", timeout, role="training", task_errors=True)
-                    for k in engines:
-                        pending.append((k, self.rollouts[k].receive_bucket.remote(transport, meta, data, adapter)))
-                    nbuckets += 1
-                    while len(pending) > 2 * len(self.rollouts):   # at most two buckets in flight per engine
-                        k, ref = pending.pop(0)
-                        t, b = self._get(ref, "refit load", timeout, role=f"rollout engine {k}", task_errors=True)
-                        tensors, nbytes = tensors + (t if k == 0 else 0), nbytes + (b if k == 0 else 0)
-                iters = still
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            self._broken = f"training actor died during refit ({type(e).__name__}); restart the run to continue"
-            raise EngineError(self._broken) from None
-        for k, ref in pending:
-            t, b = self._get(ref, "refit load", timeout, role=f"rollout engine {k}", task_errors=True)
-            tensors, nbytes = tensors + (t if k == 0 else 0), nbytes + (b if k == 0 else 0)
-        self._get(peers, "refit (gathering ranks)", timeout)
-        joins, self._nccl_joins = getattr(self, "_nccl_joins", None), None
-        if joins:
-            self._gather(joins, "refit NCCL group join", timeout)
-        if transport == "cuda_ipc":
-            self._get([self.workers[r].sync_release.remote() for r in senders], "refit release", timeout)
-        self._gather({k: r.finish_refit.remote(self.policy_version) for k, r in enumerate(self.rollouts)},
-                     "refit finish", timeout)
-        self.rollout_version = self.policy_version
-        stats = RefitStats(seconds=time.perf_counter() - start, bytes=nbytes, num_tensors=tensors,
-                           num_buckets=nbuckets // len(routes))
-        log.info("%s (%s, %s) -> %d engine(s) at version %d", stats, transport, dtype or "as trained",
-                 len(self.rollouts), self.rollout_version)
-        return stats
+        Every transfer waits at most rollout.refit_timeout_s; a failure is one EngineError line. The
+        orchestration is engine/weight_sync/orchestrate.py."""
+        return self._refit.sync(bucket_mb)
 
     def save(self, path: str | os.PathLike) -> None:
         """Checkpoint model + optimizer + scheduler + every rank's RNG (path shared by all ranks): rank 0

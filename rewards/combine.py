@@ -16,7 +16,9 @@ timeout. No bad sample or slow scorer ends a run by itself; by default (on_error
 Each step's `rewards/<component>/failures` and `/timeouts` counts are in the metrics, and
 `check_failure_share` is the one rule that stops a run: a component failing on more than
 `max_share` of a batch. on_error="raise" raises at the first failure instead (one line naming the
-function and the sample).
+function and the sample). Scoring is two steps (`ascore` = both): `araw` (raw scores of any part of a
+batch, no state touched: parts may run concurrently, in any order) and `combine` (the running normalisers
+and failure counts updated in the order given: prompt order), see rewards/raw_scores.py.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rewards.errors import RewardError, RewardSetupError, RewardSpecError, short_repr
+from rewards.raw_scores import RawScores
 from rewards.registry import RewardFn, resolve
 
 _EPS = 1e-8
@@ -164,6 +167,12 @@ class RewardSet:
         raise RewardError("RewardSet.score() called inside a running event loop; use `await ascore(...)`")
 
     async def ascore(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardOutput:
+        """Score a batch: raw scores (araw), then the ordered normalise/combine step (combine)."""
+        return self.combine(await self.araw(prompts, completions, **columns))
+
+    async def araw(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RawScores:
+        """Every component's raw scores on these samples, no normaliser or counter touched: any part of a
+        batch may be scored this way, concurrently and in any order, then combined in prompt order."""
         n = len(prompts)
         if len(completions) != n:
             raise RewardError(f"rewards: {len(completions)} completions for {n} prompts")
@@ -175,14 +184,32 @@ class RewardSet:
             self._run_component(c, fn, kw, [prompts[i] for i in idx], [completions[i] for i in idx],
                                 {k: [v[i] for i in idx] for k, v in columns.items()}) if idx else _nothing()
             for c, (fn, kw), idx in zip(self.components, self._fns, scopes)))
-        out = RewardOutput(total=[0.0] * n, raw={}, scaled={}, failures={})
+        raw = RawScores(n, {}, {}, {})
         for c, idx, (sub_raw, sub_failed, sub_timed_out) in zip(self.components, scopes, results):
-            sub_scaled = self._normalize(c, sub_raw, sub_failed)
-            raw, scaled = [0.0] * n, [0.0] * n                # out of scope: 0, not scored
+            scores: list[float | None] = [None] * n           # out of scope: not scored
             for j, i in enumerate(idx):
-                raw[i], scaled[i] = sub_raw[j], sub_scaled[j]
-            failed, timed_out = {idx[j] for j in sub_failed}, {idx[j] for j in sub_timed_out}
-            out.raw[c.label], out.scaled[c.label], out.failures[c.label] = raw, scaled, sorted(failed)
+                scores[i] = sub_raw[j]
+            raw.scores[c.label] = scores
+            raw.failed[c.label], raw.timed_out[c.label] = {idx[j] for j in sub_failed}, {idx[j] for j in sub_timed_out}
+        return raw
+
+    def combine(self, raw: RawScores | Sequence[RawScores]) -> RewardOutput:
+        """The ordered step: normalise (updating the running normalisers with the samples in the order given),
+        weight and sum. A sequence of parts is concatenated first: pass them in prompt order."""
+        raw = RawScores.concat(raw) if not isinstance(raw, RawScores) else raw
+        n = raw.n
+        out = RewardOutput(total=[0.0] * n, raw={}, scaled={}, failures={})
+        for c in self.components:
+            scores = raw.scores[c.label]
+            idx = [i for i, x in enumerate(scores) if x is not None]
+            local = {i: j for j, i in enumerate(idx)}
+            sub_raw = [scores[i] for i in idx]
+            failed, timed_out = raw.failed.get(c.label, set()), raw.timed_out.get(c.label, set())
+            sub_scaled = self._normalize(c, sub_raw, {local[i] for i in failed})
+            raw_full, scaled = [0.0] * n, [0.0] * n           # out of scope: 0, not scored
+            for j, i in enumerate(idx):
+                raw_full[i], scaled[i] = sub_raw[j], sub_scaled[j]
+            out.raw[c.label], out.scaled[c.label], out.failures[c.label] = raw_full, scaled, sorted(failed)
             out.timeouts[c.label] = sorted(timed_out)
             out.total = [t + c.weight * s for t, s in zip(out.total, scaled)]
             self.failure_totals[c.label] += len(failed)

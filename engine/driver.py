@@ -2,6 +2,7 @@
 
     with HybridEngine(cluster, rollout, optim, train, model_dir, run_dir) as eng:
         rollouts = eng.generate(prompts, SamplingConfig(n=4))   # spread over rollout.num_engines engines
+        for idx, share in eng.generate_stream(prompts, sampling): ...  # the same, one engine's share as it ends
         eng.train_step(batch, loss_fn)          # loss_fn(fwd, micro_batch) -> (loss, metrics)
         eng.sync_weights()                      # trainer -> every engine, buckets via engine/weight_sync
 
@@ -9,7 +10,9 @@ Every call enters an offload phase first (rollout, policy, reference, train, ref
 shared GPU only what the call needs is resident: one scheduler per GPU that a training rank shares
 with an engine; the engine's weights come back for the refit, its KV cache only for the rollout. Global batches are split across the data-parallel
 ranks by rows; see engine/train/batching.py for the loss contract that keeps that exact. Actor deaths and
-timeouts become a one-line EngineError, after which the engine refuses further calls.
+timeouts become a one-line EngineError (engine/ray_errors.py), after which the engine refuses further calls;
+with restart_dead_engines a rollout engine that dies during generate is replaced instead (engine/restart.py).
+Weight-sync orchestration: engine/weight_sync/orchestrate.py.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ import numpy as np
 import ray
 
 from .cluster import Cluster, EngineError
+from .ray_errors import failure_line
 from .config import ClusterConfig, EngineConfig, OffloadConfig, OptimConfig, RolloutConfig, TrainConfig
 from .offload import Item, OffloadScheduler, resolve_mode
 from .refit import RefitStats
@@ -53,33 +56,6 @@ def _from_pretrained(model_dir: str, weights: bool = True):
 def pretrained_factory(model_dir: str | os.PathLike) -> ModelFactory:
     """The default policy factory: our network loaded from an HF checkpoint dir (picklable for Ray)."""
     return functools.partial(_from_pretrained, str(model_dir))
-
-
-_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
-
-
-def init_failure_cause(e: BaseException) -> str:
-    """One line naming what an actor's constructor raised: `Type: first line of its message`.
-
-    Ray wraps the constructor's exception (traceback text included) in an ActorDiedError; the
-    original exception is its `.cause` (or the cause's `.cause`) when Ray could pickle it, else we
-    take the last `SomethingError: message` line of the traceback text.
-    """
-    cause: Any = e
-    for _ in range(4):
-        inner = getattr(cause, "cause", None)
-        if not isinstance(inner, BaseException) or inner is cause:
-            break
-        cause = inner
-    if cause is not e and not hasattr(cause, "actor_init_failed"):
-        text = str(cause).strip()
-        first = text.splitlines()[0].strip() if text else ""
-        return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    found = [m for m in map(_ERROR_LINE.match, lines) if m and m.group(1) not in ("RayTaskError", "ActorDiedError")]
-    if found:
-        return f"{found[-1].group(1)}: {found[-1].group(2)}"
-    return lines[-1] if lines else type(e).__name__
 
 
 class HybridEngine:
@@ -214,20 +190,9 @@ class HybridEngine:
         except ray.exceptions.RayTaskError as e:
             if not task_errors or isinstance(e, ray.exceptions.RayActorError):
                 raise
-            self._broken = f"{what} failed on {role or 'an actor'}: {init_failure_cause(e)}"
-        except ray.exceptions.GetTimeoutError:
-            self._broken = f"{what} timed out after {timeout:.0f}s" + (f" ({role})" if role else "")
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            who = role or ("rollout" if "rollout" in what else "training")
-            name = ""
-            if who.startswith("rollout engine"):              # which of the N engines
-                who, name = "rollout", f"{who}, "
-            if getattr(e, "actor_init_failed", False):      # the constructor raised: say what it raised
-                self._broken = f"{who} actor failed to start ({name.rstrip(', ')}): {init_failure_cause(e)}" \
-                    if name else f"{who} actor failed to start: {init_failure_cause(e)}"
-            else:
-                self._broken = (f"{who} actor died during {what} ({name}{type(e).__name__}); "
-                                "restart the run to continue")
+            self._broken = failure_line(e, what, timeout, role)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            self._broken = failure_line(e, what, timeout, role)
         raise EngineError(self._broken) from None
 
     def _check(self) -> None:

@@ -4,7 +4,8 @@ Split placement only (the rollout engines and the trainer have their own devices
 
     launch   B_{k+1} = sample_groups(...)        in a driver thread, on the rollout weights v_{k-1}
     train    B_k          v_{k-1} -> v_k          in the main thread, meanwhile
-    wait     for B_{k+1}  (generated and scored: its rewards are computed as soon as it is in)
+    wait     for B_{k+1}  (generated and scored: each engine's groups are raw-scored as soon as that
+                          engine finishes, the normalisers updated once in prompt order: dynamic_sampling.py)
     refit    v_k -> rollout engines               only now, so B_{k+1} was sampled entirely by v_{k-1}
 
 so B_k is sampled by v_{k-2} and trained from v_{k-1}: staleness = (trainer version) - (sampling version)

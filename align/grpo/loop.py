@@ -1,8 +1,9 @@
 """The GRPO loop: rollout -> reward -> advantages -> train (mu epochs) -> refit, on the hybrid engine.
 
 One step:
-  1. sample G completions for each of `prompts_per_step` prompts and score every reward component
-     (dynamic sampling refills groups whose rewards tie: dynamic_sampling.py);
+  1. sample G completions for each of `prompts_per_step` prompts and score every reward component, each
+     engine's groups as soon as that engine finishes, combined in prompt order (dynamic sampling refills
+     groups whose rewards tie: dynamic_sampling.py);
   2. A_i = group-relative advantages over the kept groups;
   3. the batch: the sampled tokens, the rollout's own log-probs (behavior_logp), its routed experts
      (routing replay, policy only unless routing_replay_ref) and the sampling temperature (the engine

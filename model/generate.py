@@ -37,8 +37,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 @torch.no_grad()
 def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, stop_token_ids: list[int] | tuple = (), seed: int | list[int] | None = None,
-           return_routing: bool = False, logprobs_mode: str = "processed") -> list[Sample]:
-    """seed: one int for the batch, or one seed per row (row i's draws then depend on nothing else in the batch)."""
+           return_routing: bool = False, logprobs_mode: str = "processed", min_new_tokens: int = 0) -> list[Sample]:
+    """seed: one int for the batch, or one seed per row (row i's draws then depend on nothing else in the batch).
+
+    min_new_tokens: the stop tokens are masked out (-inf logits) until a row has that many tokens (vLLM's
+    min_tokens, transformers' min_new_tokens); processed log-probs are those of the masked distribution.
+    Per-row seeds: each row draws its uniforms for all steps up front from its own generator and samples by
+    inverse CDF, one batched op per step instead of one multinomial call per row."""
     if logprobs_mode not in ("processed", "raw"):
         raise ValueError(f"logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
     device = next(network.parameters()).device
@@ -51,9 +56,10 @@ def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: 
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         key_mask[i, P - len(p):P] = 1
     positions = (key_mask[:, :P].cumsum(-1) - 1).clamp(min=0)
-    row_gens = None
-    if isinstance(seed, (list, tuple)):                 # one random stream per row
-        row_gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+    row_u = None
+    if isinstance(seed, (list, tuple)):                 # one random stream per row: uniforms [B, max_new_tokens]
+        row_u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator(device=device).manual_seed(int(s)),
+                                        device=device) for s in seed]).clamp_(min=1e-12)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if isinstance(seed, int) else torch.seed() % (2**63))
     stop = torch.tensor(sorted(set(stop_token_ids)) or [-1], device=device)
@@ -69,18 +75,24 @@ def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: 
     lengths = torch.full((B,), max_new_tokens, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1] + 1
+    no_stop = bool(min_new_tokens) and bool(stop_token_ids)
     for t in range(max_new_tokens):
+        raw = logits
+        if no_stop and t < min_new_tokens:               # stop tokens not allowed yet
+            logits = logits.index_fill(1, stop, float("-inf"))
         if temperature <= 1e-5:
             logp = logits.log_softmax(-1)
             tok = logits.argmax(-1)
         else:
             filtered = filter_logits(logits, temperature, top_k, top_p)
-            logp = (filtered if logprobs_mode == "processed" else logits).log_softmax(-1)
-            probs = filtered.softmax(-1)
-            if row_gens is None:
+            processed = filtered.log_softmax(-1)
+            logp = processed if logprobs_mode == "processed" else raw.log_softmax(-1)
+            probs = processed.exp()
+            if row_u is None:
                 tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
-            else:
-                tok = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(row_gens)])
+            else:                                       # inverse CDF: first token whose cumulative mass reaches u
+                cum = probs.cumsum(-1)
+                tok = (cum < row_u[:, t:t + 1]).sum(-1).clamp_(max=probs.shape[-1] - 1)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out_tokens[:, t] = tok
         out_logp[:, t] = logp.gather(1, tok[:, None])[:, 0]
@@ -99,14 +111,15 @@ def sample(network, prompts: list[list[int]], max_new_tokens: int, temperature: 
     network.train(was_training)
 
     samples = []
+    by_layer = None
+    if return_routing:  # per layer [B, P + steps, k]: prompt positions then one per generated token
+        by_layer = [torch.cat([step[layer] for step in routing_steps], dim=1).cpu()
+                    for layer in range(len(routing_steps[0]))]
+    tokens_l, logp_l, lengths_l, stopped_l = out_tokens.tolist(), out_logp.tolist(), lengths.tolist(), stopped.tolist()
     for i, p in enumerate(prompts):
-        n = int(lengths[i])
-        routing = None
-        if return_routing:  # per layer: prompt positions then one per generated token
-            routing = [torch.cat([step[layer][i] for step in routing_steps], dim=0)[P - len(p): P + n].cpu()
-                       for layer in range(len(routing_steps[0]))]
-        samples.append(Sample(out_tokens[i, :n].tolist(), out_logp[i, :n].tolist(),
-                              "stop" if bool(stopped[i]) else "length", routing))
+        n = int(lengths_l[i])
+        routing = None if by_layer is None else [layer[i, P - len(p): P + n] for layer in by_layer]
+        samples.append(Sample(tokens_l[i][:n], logp_l[i][:n], "stop" if stopped_l[i] else "length", routing))
     return samples
 
 

@@ -191,7 +191,7 @@ class HybridEngine:
             if not task_errors or isinstance(e, ray.exceptions.RayActorError):
                 raise
             self._broken = failure_line(e, what, timeout, role)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:   # ActorUnavailable is one
             self._broken = failure_line(e, what, timeout, role)
         raise EngineError(self._broken) from None
 

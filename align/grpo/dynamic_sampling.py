@@ -39,7 +39,7 @@ class Groups:
     kept: list[int]                  # group indices trained on (at most prompts_per_step)
     tied: list[bool]                 # per sampled group: all G rewards equal
     rounds: int
-    seconds: dict[str, float] = field(default_factory=dict)   # rollout, reward
+    seconds: dict[str, float] = field(default_factory=dict)   # rollout (to the last engine), reward (the rest)
 
     def kept_rollouts(self, group_size: int) -> list[Rollout]:
         return [self.rollouts[g * group_size + j] for g in self.kept for j in range(group_size)]

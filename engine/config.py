@@ -67,6 +67,9 @@ class RolloutConfig(BaseModel):
         "auto", description="dtype of the refit buckets; auto = the dtype the engine serves")
     refit_checksum: bool = Field(False, description="checksum every refit bucket (a corrupted one is an error)")
     refit_timeout_s: float = Field(600.0, gt=0, description="limit for each refit transfer")
+    restart_dead_engines: int = Field(0, ge=0, description="times one generate call may replace each rollout engine "
+                                                          "that died (then its share is generated again, same seeds); "
+                                                          "0 = a dead engine ends the step with one line naming it")
 
 
 class OptimConfig(BaseModel):

@@ -65,11 +65,13 @@ class HybridEngine:
                  train_cfg: TrainConfig, model_dir: str | os.PathLike, run_dir: str | os.PathLike,
                  offload_cfg: OffloadConfig | None = None, *, model_factory: ModelFactory | None = None,
                  ref_factory: ModelFactory | None = None,
-                 rollout_backend: str | Callable[..., Any] | None = None, restart_dead_engines: int = 0):
+                 rollout_backend: str | Callable[..., Any] | None = None, restart_dead_engines: int | None = None):
         """restart_dead_engines: how many times one generate call may replace each rollout engine that
-        died and retry its share (engine/restart.py); 0 (default) = a death ends the call with one line."""
+        died and retry its share (engine/restart.py); None = rollout.restart_dead_engines (default 0: a death
+        ends the call with one line)."""
         self.cluster_cfg, self.rollout_cfg = cluster_cfg, rollout_cfg
-        self.restart_dead_engines = int(restart_dead_engines)
+        self.restart_dead_engines = int(rollout_cfg.restart_dead_engines if restart_dead_engines is None
+                                        else restart_dead_engines)
         self._weights_lock = threading.Lock()       # train_step vs a restarted engine's refit (restart.py)
         self.optim_cfg, self.train_cfg = optim_cfg, train_cfg
         self.offload_cfg = offload_cfg or OffloadConfig()

@@ -5,6 +5,7 @@ Both sizes keep kv_lora_rank=512 and qk_rope_head_dim=64 (the only MLA shape vLL
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import threading
 import time
@@ -166,4 +167,34 @@ def sevens(prompts: list[str], completions: list[str], **columns) -> list[float]
     return [c.count("7") / max(len(c), 1) for c in completions]
 
 
-REWARDS = {"brevity": brevity, "sevens": sevens}
+COUNT_PROMPT = "Count from {start}:"
+_COUNT_START = re.compile(r"Count from (\d+):")
+
+
+def count_target(start: int, n: int = 200) -> str:
+    """The right answer to COUNT_PROMPT: the next n integers after `start`, space-separated."""
+    return " ".join(str(start + 1 + i) for i in range(n))
+
+
+def counting(prompts: list, completions: list[str], **columns) -> list[float]:
+    """Length-neutral counting reward: the share of the completion's whitespace-separated items that are the
+    right number at their position of the count after the prompt's start (the last item may be cut by the
+    length cap: a prefix of the right number counts). 1.0 = a correct count, whatever its length; stopping
+    early earns nothing and running long costs nothing, so completions stay at the cap and both frameworks
+    sample the same tokens per step; partial credit keeps a group's rewards apart (no all-tied groups).
+    Prompts may be text or chat messages (TRL passes the message list): the start is read from their text."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        m = _COUNT_START.search(str(prompt))
+        items = completion.split()
+        if m is None or not items:
+            out.append(0.0)
+            continue
+        start = int(m.group(1))
+        right = [item == str(start + 1 + i) for i, item in enumerate(items)]
+        right[-1] = str(start + len(items)).startswith(items[-1])
+        out.append(sum(right) / len(items))
+    return out
+
+
+REWARDS = {"brevity": brevity, "sevens": sevens, "counting": counting}

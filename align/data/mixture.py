@@ -22,9 +22,14 @@ def _turns(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
+# How a bare (`direct`) demonstration states its answer: GSM8K's '#### n' (the worked solutions' own last
+# line) or 'Answer: n' (a marker of its own; the math reward reads both).
+BARE_FORMATS = {"hash": "#### {}", "answer": "Answer: {}"}
+
+
 def reasoning_sft_rows(
     split: str = "train", n: int = 1000, seed: int = 0, levels: tuple[int, ...] | list[int] = LEVELS,
-    direct: int = 0,
+    direct: int = 0, bare: str = "hash",
 ) -> list[dict]:
     """Reasoning problems answered with their worked solution (`... #### <answer>`), except `direct`
     percent of them (chosen by a seeded draw), answered with the bare `#### <answer>`: demonstrations of
@@ -33,10 +38,12 @@ def reasoning_sft_rows(
     a style to move away from (RL amplifies the behaviour in its SFT data that earns reward)."""
     if not 0 <= direct <= 100:
         raise ValueError(f"direct must be a percentage in [0, 100], got {direct}")
+    if bare not in BARE_FORMATS:
+        raise ValueError(f"bare must be one of {sorted(BARE_FORMATS)}, got {bare!r}")
     rng = rng_for("reasoning_sft_direct", split, seed)
     rows = []
     for r in reasoning_rows(split, n, seed, levels):
-        answer = f"#### {r['answer']}" if rng.random() * 100 < direct else r["solution"]
+        answer = BARE_FORMATS[bare].format(r["answer"]) if rng.random() * 100 < direct else r["solution"]
         rows.append({"messages": _turns(r["prompt"], answer), "source": "reasoning"})
     return rows
 

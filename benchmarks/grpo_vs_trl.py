@@ -7,7 +7,7 @@ The work (identical for both frameworks):
 - task: "Count from a:" -> "a+1 a+2 ..."; reward `counting` (benchmarks/_common.py): the share of the
   completion's characters that are a correct prefix of the count, length-neutral; completions are also
   forced to exactly --max-tokens tokens (--fixed-length, default on: TRL `min_new_tokens`, deepalign's
-  native backend `min_tokens`; both mask the stop token until the cap), so both sample the same tokens;
+  `sampling.min_tokens`, vLLM's min_tokens; both mask the stop token until the cap), so both sample the same tokens;
 - 26 training prompts, 4 held-out starts; prompts per step, G, completion length, T=1 sampling (no
   top-k/top-p), lr (constant, AdamW, grad-norm clip 1.0), beta (k3 KL), clip 0.2/0.2, aggregation
   seq-mean-token-mean, group-scaled advantages, one optimizer step per batch, --steps steps.
@@ -19,7 +19,7 @@ Each framework at its best settings on this CPU (stated in the output; flags to 
 - deepalign: synchronous, colocated on one 2-CPU bundle (async overlap needs split placement and only splits
   2 cores: benchmarks/async.py measured 0.93-1.01x), native rollout (--deepalign-backend vllm: vLLM-CPU,
   fp32 CPU_MLA without AMX, bf16 with; its start-up and refit re-pack cost more than its decode saves at
-  these sizes, and it cannot be given min_tokens without engine changes, so lengths are then not forced).
+  these sizes).
 
 Definitions: tokens/s = generated completion tokens per wall second of the GRPO loop; steady state = the
 median over steps 3-12 (those that exist) of each step's tokens / step seconds, and the per-phase medians
@@ -172,7 +172,7 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
     if a.deepalign_backend == "vllm":
         rollout = RolloutConfig(backend="vllm", kwargs=dict(max_model_len=a.max_tokens + 64, kv_cache_gib=1))
     else:
-        rollout = RolloutConfig(backend="native", kwargs={"min_tokens": a.max_tokens} if a.fixed_length else {})
+        rollout = RolloutConfig(backend="native")
     placement = "split" if a.deepalign_async else "colocated"
     cpus = dict(rollout_num_cpus=1, train_num_cpus=1) if a.deepalign_async else dict(rollout_num_cpus=2,
                                                                                       train_num_cpus=2)
@@ -180,7 +180,8 @@ def run_deepalign(a: argparse.Namespace, work: Path) -> dict:
         init_from=str(a.ckpt), data=[DataSource(source=str(a.prompts_file))],
         rewards=[RewardComponent(spec="_common:counting")], steps=a.steps, prompts_per_step=a.prompts_per_step,
         group_size=a.group_size, beta=a.beta, clip_low=0.2, clip_high=0.2, loss_agg="seq-mean-token-mean",
-        advantage_scale="group", seed=0, sampling=SamplingConfig(temperature=1.0, max_tokens=a.max_tokens),
+        advantage_scale="group", seed=0, sampling=SamplingConfig(temperature=1.0, max_tokens=a.max_tokens,
+                                                                min_tokens=a.max_tokens if a.fixed_length else 0),
         async_rollout=AsyncRolloutConfig(enabled=a.deepalign_async),
         engine=EngineConfig(cluster=ClusterConfig(num_cpus=2, placement=placement, actor_threads=a.threads or None,
                                                   **cpus), rollout=rollout,

@@ -5,8 +5,8 @@ and it returns the routed experts of every token (per MoE layer) for routing rep
 Log-probs: logprobs_mode="processed_logprobs" (default) = of the distribution sampled from, after
 temperature/top-k/top-p (what the trainer's importance correction compares against);
 "raw_logprobs" = of the unmodified model, as vLLM's modes.
-min_tokens (a constructor option, e.g. rollout.kwargs: {min_tokens: 128}): no stop token before that many
-completion tokens (vLLM's SamplingParams.min_tokens), for runs that must sample a fixed number of tokens.
+min_tokens (sampling.min_tokens per call, or a constructor default, rollout.kwargs: {min_tokens: 128}): no stop
+token before that many completion tokens (vLLM's SamplingParams.min_tokens), for runs that must sample fixed lengths.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ class NativeRollout:
             seed = None if sampling.seed is None else [completion_seed(sampling.seed, glob[i], j) for i, _, j in chunk]
             samples = sample(self.network, [p for _, p, _ in chunk], sampling.max_tokens, sampling.temperature,
                              sampling.top_k, sampling.top_p, stops, seed=seed, return_routing=self.capture_routing,
-                             logprobs_mode=self.logprobs_mode, min_new_tokens=self.min_tokens)
+                             logprobs_mode=self.logprobs_mode,
+                             min_new_tokens=max(sampling.min_tokens, self.min_tokens))
             for (i, prompt, _), s in zip(chunk, samples):
                 tokens, logprobs, finish = s.token_ids, s.logprobs, s.finish_reason
                 text = ""

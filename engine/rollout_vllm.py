@@ -191,6 +191,7 @@ class VLLMRollout:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 max_tokens=sampling.max_tokens,
+                min_tokens=sampling.min_tokens,
                 stop=list(sampling.stop) or None,
                 stop_token_ids=sorted(set(sampling.stop_token_ids) | set(self.eos_token_ids)),
                 seed=None if sampling.seed is None else prompt_seed(sampling.seed, glob[i]),

@@ -23,6 +23,8 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = no top-k filter")
     max_tokens: int = Field(256, ge=1, description="completion length cap")
+    min_tokens: int = Field(0, ge=0, description="no stop (EOS or stop tokens) before this many completion tokens "
+                                                 "(vLLM's min_tokens); for runs that must sample fixed lengths")
     stop: list[str] = Field(default_factory=list, description="stop strings (need a tokenizer)")
     stop_token_ids: list[int] = Field(default_factory=list, description="extra stop tokens besides EOS")
     seed: int | None = Field(None, description="makes a generate() call reproducible")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from align.intervals import fmt_diff, paired_difference  # noqa: E402
 
 CHECKPOINTS = ("sft", "grpo_reasoning", "grpo_preference")
-SEED_KEYS = {"sft": "sft.seed", "rm_helpful": "rm.seed", "rm_safety": "rm.seed", "grpo_reasoning": "grpo.seed",
+SEED_KEYS = {"sft": "sft.seed", "sft_worked": "sft.seed", "sft_final": "sft.seed", "rm_helpful": "rm.seed", "rm_safety": "rm.seed", "grpo_reasoning": "grpo.seed",
              "grpo_preference": "grpo.seed"}
 
 

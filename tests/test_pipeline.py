@@ -26,6 +26,10 @@ SHRINK = {
     "sft": {"sft.max_steps": 6, "sft.train_data.0.source": "bundled:reasoning_sft?levels=1&n=48",
             "sft.train_data.1.source": "bundled:sft_mixture?n=48", "sft.eval_data.0.source":
             "bundled:reasoning_sft?levels=1&n=8"},
+    "sft_worked": {"sft.max_steps": 3, "sft.train_data.0.source": "bundled:reasoning_sft?levels=6&n=24",
+                   "sft.train_data.1.source": "bundled:reasoning_sft?levels=1&n=24"},
+    "sft_final": {"sft.max_steps": 3, "sft.train_data.0.source": "bundled:reasoning_sft?levels=6&n=24&direct=67",
+                  "sft.train_data.1.source": "bundled:sft_mixture?n=24"},
     "rm_helpful": {"rm.max_steps": 3, "rm.train_data.0.source": "bundled:helpful_pairs?n=32",
                    "rm.eval_data.0.source": "bundled:helpful_pairs?n=8"},
     "rm_safety": {"rm.max_steps": 3, "rm.train_data.0.source": "bundled:safety?n=32",

@@ -29,6 +29,10 @@ def answer(text: str) -> str | None:
     return hits[-1] if hits else None
 
 
+def first_number(text: str) -> int:
+    return int(re.search(r"\d+", text).group(0))
+
+
 def is_bare(text: str) -> bool:
     return text.lstrip().startswith(("####", "Answer:"))
 
@@ -44,7 +48,7 @@ def main() -> None:
     tok = chat.tokenizer
     try:
         free = chat.chat([[{"role": "user", "content": r["prompt"]}] for r in rows], 0.0, a.max_tokens)
-        prefixes = [f"{int(re.search(r'(\d+)', r['prompt']).group(1)) % 10} +" for r in rows]
+        prefixes = [f"{first_number(r['prompt']) % 10} +" for r in rows]
         ids = [tok(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                            tokenize=False) + p, add_special_tokens=False)["input_ids"]
                for r, p in zip(rows, prefixes)]

@@ -5,8 +5,8 @@ and it returns the routed experts of every token (per MoE layer) for routing rep
 Log-probs: logprobs_mode="processed_logprobs" (default) = of the distribution sampled from, after
 temperature/top-k/top-p (what the trainer's importance correction compares against);
 "raw_logprobs" = of the unmodified model, as vLLM's modes.
-min_tokens (sampling.min_tokens per call, or a constructor default, rollout.kwargs: {min_tokens: 128}): no stop
-token before that many completion tokens (vLLM's SamplingParams.min_tokens), for runs that must sample fixed lengths.
+sampling.min_tokens: no stop token before that many completion tokens (vLLM's SamplingParams.min_tokens), for
+runs that must sample fixed lengths.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _truncate_at_stop(tokenizer, token_ids: list[int], stops: list[str]) -> tupl
 class NativeRollout:
     def __init__(self, model_dir: str | os.PathLike | None = None, network=None, max_batch: int = 64,
                  device: str = "cpu", capture_routing: bool = True,
-                 logprobs_mode: str = "processed_logprobs", dtype: str | None = None, min_tokens: int = 0):
+                 logprobs_mode: str = "processed_logprobs", dtype: str | None = None):
         if logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
             raise ValueError(f"logprobs_mode must be processed_logprobs or raw_logprobs, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode.split("_")[0]
@@ -48,7 +48,6 @@ class NativeRollout:
         self.network = network.eval()
         self.max_batch = max_batch
         self.capture_routing = capture_routing
-        self.min_tokens = int(min_tokens)
         self.tokenizer = None
         if model_dir is not None and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
             from transformers import AutoTokenizer
@@ -71,7 +70,7 @@ class NativeRollout:
             samples = sample(self.network, [p for _, p, _ in chunk], sampling.max_tokens, sampling.temperature,
                              sampling.top_k, sampling.top_p, stops, seed=seed, return_routing=self.capture_routing,
                              logprobs_mode=self.logprobs_mode,
-                             min_new_tokens=max(sampling.min_tokens, self.min_tokens))
+                             min_new_tokens=sampling.min_tokens)
             for (i, prompt, _), s in zip(chunk, samples):
                 tokens, logprobs, finish = s.token_ids, s.logprobs, s.finish_reason
                 text = ""
